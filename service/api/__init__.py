@@ -1,0 +1,1 @@
+"""HTTP controllers: thin; they parse, authorize and delegate to the services."""

@@ -1,0 +1,152 @@
+"""``alignd`` command line: serve, api, worker, keys, demo, openapi.
+
+``serve`` is the embedded default: API and one worker process in one command. The worker and the
+demo run as child processes by module name, so this module never imports ``workers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if getattr(args, "data_dir", None):
+        os.environ["ALIGND_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    return Settings.from_env()
+
+
+def worker_command(settings: Settings, concurrency: int = 1) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+            "-Q", settings.broker.queue, "--concurrency", str(concurrency), "--pool", "prefork",
+            "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel", "INFO",
+            "-n", f"alignd-{os.getpid()}@%h"]
+
+
+def cmd_api(args: argparse.Namespace, *, with_worker: bool = False) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(args)
+    app = create_app(settings)  # migrates before anything else touches the database
+    worker = subprocess.Popen(worker_command(settings), env=os.environ.copy()) if with_worker else None
+    try:
+        print(f"alignd: API on http://{args.host}:{args.port} (data dir {settings.data_dir})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from service.db.engine import make_engine, migrate
+
+    migrate(make_engine(settings.database))
+    command = worker_command(settings, args.concurrency)
+    os.execv(command[0], command)
+    return 0  # pragma: no cover
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from service.auth import create_key, revoke_key
+    from service.db.engine import make_engine, make_session_factory, migrate, session_scope
+
+    settings = _settings(args)
+    engine = make_engine(settings.database)
+    migrate(engine)
+    with session_scope(make_session_factory(engine)) as session:
+        if args.keys_command == "create":
+            key_id, secret = create_key(session, args.org)
+            print(secret)
+            print(f"key id {key_id} for organization {args.org}", file=sys.stderr)
+            return 0
+        if revoke_key(session, args.key_id):
+            print(f"revoked {args.key_id}")
+            return 0
+        print(f"no active key {args.key_id}", file=sys.stderr)
+        return 1
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    print_openapi(Path(args.output))
+    return 0
+
+
+def openapi_document() -> dict[str, Any]:
+    """The spec depends only on the routes and types, so it is built against a throwaway data dir."""
+    import tempfile
+
+    from service.app import create_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(Settings.from_env(tmp), migrate=False)
+        return app.openapi_schema.to_schema()  # type: ignore[no-any-return]
+
+
+def print_openapi(output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    env = {**os.environ, "ALIGND_DATA_DIR": str(settings.data_dir)}
+    return subprocess.call([sys.executable, "-m", "workers.demo", *args.demo_args], env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignd", description="Self-hosted fine-tuning service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "API and a worker together (embedded default)"), ("api", "API only")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--data-dir")
+    w = sub.add_parser("worker", help="a training worker (Celery)")
+    w.add_argument("--data-dir")
+    w.add_argument("--concurrency", type=int, default=1)
+    k = sub.add_parser("keys", help="manage API keys")
+    k.add_argument("--data-dir")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="print a new API key for an organization")
+    kc.add_argument("--org", required=True)
+    kr = ksub.add_parser("revoke", help="revoke a key by its id")
+    kr.add_argument("key_id")
+    d = sub.add_parser("demo", help="run a real DPO job end to end on SmolLM2-135M-Instruct")
+    d.add_argument("--data-dir")
+    d.add_argument("demo_args", nargs=argparse.REMAINDER)
+    o = sub.add_parser("openapi", help="write the OpenAPI document")
+    o.add_argument("--output", default="openapi/openapi.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": lambda a: cmd_api(a, with_worker=True),
+        "api": cmd_api,
+        "worker": cmd_worker,
+        "keys": cmd_keys,
+        "demo": cmd_demo,
+        "openapi": cmd_openapi,
+    }
+    return int(handlers[args.command](args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

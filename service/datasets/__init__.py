@@ -1,0 +1,1 @@
+"""Training-data files: validating uploaded JSONL before a job may use it."""

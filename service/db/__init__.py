@@ -1,0 +1,1 @@
+"""Database records and the repositories that are the only place queries live."""

@@ -1,0 +1,103 @@
+"""OpenAI's error envelope ``{"error": {message, type, param, code}}`` for every failure.
+
+Anything the client did wrong is a 4xx naming the field at fault; an unexpected exception is logged
+with its traceback and answered as a bare 500 envelope, never with the traceback itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+log = logging.getLogger("alignd.api")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """Raised by services and handlers; rendered as the envelope with ``status``."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+def not_found(kind: str, object_id: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No such {kind}: '{object_id}'", code=f"{kind}_not_found", param=param)
+
+
+def envelope(status: int, message: str, code: str | None, param: str | None,
+             headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+    return Response(content=body, status_code=status, headers=headers)
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _param_from_msgspec(message: str) -> tuple[str, str | None]:
+    """msgspec says "Object contains unknown field `x` - at `$.method.dpo`"; turn it into a param path."""
+    match = _MSGSPEC_PATH.match(message.strip())
+    if not match:
+        return message, None
+    text, path = match.group("msg"), (match.group("path") or "").lstrip(".")
+    unknown = re.search(r"unknown field `([^`]+)`", text)
+    missing = re.search(r"missing required field `([^`]+)`", text)
+    field = unknown or missing
+    if field:
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+    path = re.sub(r"\[(\d+)\]", r"[\1]", path)
+    return text, path or None
+
+
+def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[dict[str, Any]]:
+    return envelope(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+
+def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    if extra and isinstance(extra[0], dict):
+        first = extra[0]
+        raw = str(first.get("message", exc.detail))
+        text, param = _param_from_msgspec(raw)
+        param = param or (str(first["key"]) if first.get("key") else None)
+        message = f"{param}: {text}" if param else text
+        return envelope(400, message, "invalid_request", param)
+    text, param = _param_from_msgspec(str(exc.detail))
+    return envelope(400, text, "invalid_request", param)
+
+
+def handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    if isinstance(exc, NotFoundException):
+        return envelope(404, "Not found", "not_found", None)
+    if status >= 500:
+        log.error("HTTP %s: %s", status, exc.detail)
+        return envelope(status, "The server could not answer this request.", "server_error", None)
+    return envelope(status, str(exc.detail), None, None, dict(exc.headers or {}))
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return envelope(HTTP_500_INTERNAL_SERVER_ERROR, "The server had an error while processing your request.",
+                    "server_error", None)
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    APIError: handle_api_error,
+    ValidationException: handle_validation,
+    HTTPException: handle_http,
+    Exception: handle_unexpected,
+}

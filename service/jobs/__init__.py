@@ -1,0 +1,1 @@
+"""Job specs, job lifecycle and the rules for creating jobs."""

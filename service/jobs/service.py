@@ -1,0 +1,125 @@
+"""Creating, presenting and cancelling jobs; the rules a job must pass before it is queued."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+import msgspec
+
+from service.datasets.validation import compatible_kinds
+from service.db.models import Job, JobEvent, new_id, now
+from service.db.repositories import OrgRepository
+from service.errors import APIError
+from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
+from service.model_registry import is_base_model
+from service.settings import Settings
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def request_hash(body: Any) -> str:
+    return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
+
+
+def method_dict(method: Method) -> dict[str, Any]:
+    """Only the selected block, defaults filled in: what the job will actually run with."""
+    body = getattr(method.normalized(), method.type)
+    return {"type": method.type, method.type: to_builtins(body)}
+
+
+def validate_model(repo: OrgRepository, settings: Settings, model: str) -> None:
+    if is_base_model(model, settings):
+        return
+    parent = repo.job_by_fine_tuned_model(model) if model.startswith("ft:") else None
+    if parent is None:
+        raise APIError(400, f"model '{model}' is neither a base model nor one of your fine-tuned models",
+                       code="model_not_found", param="model")
+    if parent.status != "succeeded":
+        raise APIError(400, f"model '{model}' comes from job {parent.id}, which has not succeeded",
+                       code="model_not_ready", param="model")
+
+
+def validate_file(repo: OrgRepository, file_id: str, param: str, method_type: str) -> None:
+    f = repo.get_file(file_id, param)
+    if f.status != "processed":
+        raise APIError(400, f"{param} '{file_id}' is invalid: {f.status_details or f.status}",
+                       code="invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                       param=param)
+    allowed = {k.value for k in compatible_kinds(method_type)}
+    if f.kind not in allowed:
+        raise APIError(400, f"{param} '{file_id}' holds {f.kind} data; method '{method_type}' needs "
+                       f"{' or '.join(sorted(allowed))} data", code="invalid_file_format", param=param)
+
+
+def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
+    method_type = spec.method.type
+    if method_type not in IMPLEMENTED_METHODS:
+        raise APIError(400, f"method '{method_type}' is not available in this release "
+                       f"(available: {', '.join(sorted(IMPLEMENTED_METHODS))})",
+                       code="unsupported_method", param="method.type")
+    other = [name for name in ("supervised", "dpo", "reward_model", "ppo")
+             if name != method_type and getattr(spec.method, name) is not None]
+    if other:
+        raise APIError(400, f"method.{other[0]} given but method.type is '{method_type}'",
+                       code="invalid_request", param=f"method.{other[0]}")
+    validate_model(repo, settings, spec.model)
+    validate_file(repo, spec.training_file, "training_file", method_type)
+    if spec.validation_file:
+        validate_file(repo, spec.validation_file, "validation_file", method_type)
+    job = Job(
+        id=new_id("ftjob"), organization_id=repo.org, model=spec.model, training_file=spec.training_file,
+        validation_file=spec.validation_file, suffix=spec.suffix,
+        seed=spec.seed if spec.seed is not None else random.randrange(2**31),
+        job_metadata=spec.metadata, method=method_dict(spec.method),
+        training_type=to_builtins(spec.training_type), status="validating_files",
+    )
+    repo.add(job)
+    repo.add(JobEvent(job_id=job.id, message=f"Validated training file: {spec.training_file}"))
+    job.status = "queued"
+    repo.add(JobEvent(job_id=job.id, message="Job queued"))
+    return job
+
+
+def cancel_job(repo: OrgRepository, job: Job) -> Job:
+    if job.status in TERMINAL:
+        raise APIError(409, f"job {job.id} is already {job.status}", code="job_not_cancellable", param="id")
+    # The worker polls cancel_requested between steps and stops within one step.
+    job.cancel_requested = True
+    job.status = "cancelled"
+    job.finished_at = now()
+    repo.add(JobEvent(job_id=job.id, message="Job cancelled by request"))
+    return job
+
+
+def present_job(job: Job) -> dict[str, Any]:
+    method = job.method or {}
+    hyper = (method.get(method.get("type", ""), {}) or {}).get("hyperparameters", {})
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "model": job.model,
+        "created_at": int(job.created_at),
+        "finished_at": int(job.finished_at) if job.finished_at else None,
+        "fine_tuned_model": job.fine_tuned_model,
+        "organization_id": job.organization_id,
+        "status": job.status,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "method": method,
+        "training_type": job.training_type,
+        "hyperparameters": hyper,
+        "trained_tokens": job.trained_tokens,
+        "error": job.error,
+        "seed": job.seed,
+        "suffix": job.suffix,
+        "metadata": job.job_metadata,
+        "estimated_finish": int(job.estimated_finish) if job.estimated_finish else None,
+        "progress": {"step": job.step, "total_steps": job.total_steps},
+    }
+
+
+def present_event(e: JobEvent) -> dict[str, Any]:
+    return {"id": f"ftevent-{e.seq}", "object": "fine_tuning.job.event", "created_at": int(e.created_at),
+            "level": e.level, "message": e.message, "type": e.type, "data": e.data}

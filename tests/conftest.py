@@ -1,0 +1,122 @@
+"""Shared fixtures: real SQLite and PostgreSQL databases, real storage, API clients with keys.
+
+PostgreSQL tests each get their own schema in the ``test`` database (created and dropped here), so
+runs never see each other's rows. Models are materialised once into a cache shared by all tests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+from sqlalchemy import create_engine, text
+
+from service.app import create_app
+from service.auth import create_key
+from service.db.engine import session_scope
+from service.settings import DatabaseSettings, Settings
+from service.state import AppState
+
+pytest_plugins = ["tests.s3_server"]
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("ALIGND_TEST_MODEL_CACHE", REPO / ".alignd" / "models")).resolve()
+POSTGRES_URL = os.environ.get("ALIGND_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("ALIGND_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_settings(data_dir: Path, database_url: str | None = None) -> Settings:
+    settings = Settings.from_env(data_dir)
+    settings = replace(settings, model_cache_dir=MODEL_CACHE)
+    if database_url:
+        settings = replace(settings, database=DatabaseSettings(database_url))
+    return settings
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the real PostgreSQL ``test`` database, dropped afterwards."""
+    schema = "t_" + secrets.token_hex(6)
+    admin = create_engine(DatabaseSettings(POSTGRES_URL).sqlalchemy_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    if request.param == "postgresql":
+        return make_settings(tmp_path, request.getfixturevalue("postgres_url"))
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@dataclass
+class Api:
+    client: TestClient  # type: ignore[type-arg]
+    state: AppState
+
+    def key(self, org: str) -> dict[str, str]:
+        with session_scope(self.state.sessions) as session:
+            _, secret = create_key(session, org)
+        return {"Authorization": f"Bearer {secret}"}
+
+
+def _api(settings: Settings) -> Iterator[Api]:
+    app = create_app(settings)
+    with TestClient(app=app, raise_server_exceptions=False) as client:
+        yield Api(client, app.state.alignd)
+    app.state.alignd.engine.dispose()
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[Api]:
+    """The API on SQLite and on PostgreSQL (parametrised through ``settings``)."""
+    yield from _api(settings)
+
+
+@pytest.fixture
+def sqlite_api(sqlite_settings: Settings) -> Iterator[Api]:
+    yield from _api(sqlite_settings)
+
+
+def jsonl(rows: list[dict[str, object]]) -> bytes:
+    import json
+
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+PREFERENCE_ROWS = [
+    {"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.",
+     "rejected": f"Well, let me think about this carefully. Adding {a} and {b} together gives {a + b}."}
+    for a in range(1, 9) for b in (2, 5)
+]
+
+
+@pytest.fixture
+def upload(api: Api) -> Callable[..., dict[str, object]]:
+    def _upload(headers: dict[str, str], rows: list[dict[str, object]] | bytes = PREFERENCE_ROWS,
+                name: str = "train.jsonl") -> dict[str, object]:
+        content = rows if isinstance(rows, bytes) else jsonl(rows)
+        response = api.client.post("/v1/files", headers=headers, files={"file": (name, content)},
+                                   data={"purpose": "fine-tune"})
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    return _upload
