@@ -71,8 +71,12 @@ def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Re
     if extra and isinstance(extra[0], dict):
         first = extra[0]
         raw = str(first.get("message", exc.detail))
+        key = str(first["key"]) if first.get("key") else ""
+        key = "" if key == "data" else key.removeprefix("data.")
         text, param = _param_from_msgspec(raw)
-        param = param or (str(first["key"]) if first.get("key") else None)
+        if key and param and not param.startswith(key):
+            param = f"{key}.{param}"  # litestar strips the path into "key"; msgspec names the leaf
+        param = param or key or None
         message = f"{param}: {text}" if param else text
         return envelope(400, message, "invalid_request", param)
     text, param = _param_from_msgspec(str(exc.detail))
