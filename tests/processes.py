@@ -1,0 +1,78 @@
+"""Real processes for end-to-end tests: a Celery worker and the embedded ``alignd serve``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.cli import worker_command
+from service.settings import Settings
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``alignd worker``'s exact command line, as a child process with its own environment."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(worker_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_job(get: Any, job_id: str, timeout: float = 600, until: set[str] = TERMINAL) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    job: dict[str, Any] = {}
+    while time.time() < deadline:
+        job = get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout}s")
+
+
+def wait_http(url: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not come up in {timeout}s")
+
+
+def alignd(*args: str, env: dict[str, str]) -> str:
+    return subprocess.run([str(Path(sys.executable).parent / "alignd"), *args], env=env, check=True,
+                          capture_output=True, text=True, timeout=120).stdout

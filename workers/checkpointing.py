@@ -1,0 +1,47 @@
+"""Adapters and checkpoints as ``.tar.gz`` archives in the object store, keyed by job id and step."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from pathlib import Path
+
+from service.storage import ObjectStore
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    return f"jobs/{job_id}/step_{step}/adapter.tar.gz"
+
+
+def final_adapter_key(job_id: str) -> str:
+    return f"jobs/{job_id}/adapter.tar.gz"
+
+
+def archive_dir(directory: Path, archive: Path) -> Path:
+    """Files at the archive's top level, so extracting gives a directory peft loads directly."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return archive
+
+
+def store_dir_archive(store: ObjectStore, directory: Path, key: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = archive_dir(directory, Path(tmp) / "adapter.tar.gz")
+        store.put_file(key, archive)
+    return key
+
+
+def extract_archive(archive: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def fetch_adapter(store: ObjectStore, key: str, target: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "adapter.tar.gz"
+        store.download_file(key, local)
+        return extract_archive(local, target)

@@ -1,0 +1,1 @@
+"""One readable recipe per method, built from the shared pieces in ``workers``."""

@@ -1,0 +1,138 @@
+"""The ``alignd.train`` task: claim the job, build its context from the database, run its recipe.
+
+The task takes only a job id and reloads everything, so a redelivered or duplicated message is
+harmless: the claim (queued → running) lets exactly one delivery run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.db.engine import make_engine, make_session_factory, session_scope
+from service.db.repositories import JobRunRepository
+from service.jobs.spec import method_from_row, training_type_from_row
+from service.queue import TRAIN_TASK
+from service.settings import Settings
+from service.state import AppState
+from workers.celery_app import app, settings
+from workers.context import JobContext, JobFailure, TrainResult
+from workers.reporting import Reporter
+
+log = logging.getLogger("alignd.worker")
+
+
+class Recipe(Protocol):
+    def setup(self) -> None: ...
+    def train(self) -> TrainResult: ...
+    def cleanup(self) -> None: ...
+
+
+# method type -> "module:Class"; imported lazily so a worker loads only the recipe it runs.
+RECIPES: dict[str, str] = {
+    "dpo": "workers.recipes.dpo:DPORecipe",
+    "supervised": "workers.recipes.sft:SFTRecipe",
+    "reward_model": "workers.recipes.reward_model:RewardModelRecipe",
+}
+
+
+def recipe_for(method_type: str, ctx: JobContext) -> Recipe:
+    target = RECIPES.get(method_type)
+    if target is None:
+        raise JobFailure("unsupported_method", f"this worker has no recipe for method '{method_type}'",
+                         "method.type")
+    module_name, _, class_name = target.partition(":")
+    recipe_class = getattr(importlib.import_module(module_name), class_name)
+    return recipe_class(ctx)  # type: ignore[no-any-return]
+
+
+_STATES: dict[str, AppState] = {}
+
+
+def worker_state(settings: Settings) -> AppState:
+    """One engine and store per settings for the life of the worker process."""
+    key = repr(settings)
+    if key not in _STATES:
+        _STATES[key] = AppState(settings)
+    return _STATES[key]
+
+
+@app.task(name=TRAIN_TASK, acks_late=True)
+def train(job_id: str) -> None:
+    run_job(job_id, settings)
+
+
+def _context(state: AppState, job_id: str, reporter: Reporter, workdir: Path) -> JobContext:
+    with session_scope(state.sessions) as session:
+        repo = JobRunRepository(session, job_id)
+        job = repo.job()
+        base, adapters = job.model, []
+        while base.startswith("ft:"):
+            parent = repo.parent_by_fine_tuned_model(job.organization_id, base)
+            if parent is None or not parent.adapter_key:
+                raise JobFailure("model_not_found", f"model '{base}' is not available", "model")
+            adapters.insert(0, parent.adapter_key)
+            base = parent.model
+        validation_key = repo.file(job.validation_file).storage_key if job.validation_file else None
+        return JobContext(
+            job_id=job.id, organization_name=repo.organization_name(job.organization_id), model=job.model,
+            base_model=base, parent_adapter_keys=adapters, method=method_from_row(job.method),
+            training_type=training_type_from_row(job.training_type), seed=job.seed, suffix=job.suffix,
+            training_file_key=repo.file(job.training_file).storage_key, validation_file_key=validation_key,
+            settings=state.settings, store=state.store, reporter=reporter, workdir=workdir,
+        )
+
+
+def fine_tuned_model_name(ctx: JobContext) -> str:
+    return f"ft:{ctx.base_model}:{ctx.organization_name}:{ctx.suffix or ''}:{ctx.job_id}"
+
+
+def _fail(reporter: Reporter, state: AppState, job_id: str, error: dict[str, Any]) -> None:
+    reporter.event(f"Job failed: {error['message']}", level="error", data={"code": error["code"]})
+    with session_scope(state.sessions) as session:
+        JobRunRepository(session, job_id).finish("failed", error=error)
+
+
+def run_job(job_id: str, settings: Settings) -> str:
+    """Run one job to an end state; returns the status it ended in (or 'skipped')."""
+    state = worker_state(settings)
+    with session_scope(state.sessions) as session:
+        if not JobRunRepository(session, job_id).claim():
+            log.info("job %s is not queued any more; nothing to do", job_id)
+            return "skipped"
+    reporter = Reporter(state.sessions, job_id)
+    workdir = Path(tempfile.mkdtemp(prefix=f"alignd-{job_id}-"))
+    recipe: Recipe | None = None
+    try:
+        ctx = _context(state, job_id, reporter, workdir)
+        recipe = recipe_for(ctx.method.type, ctx)
+        recipe.setup()
+        result = recipe.train()
+        if result.status == "succeeded":
+            name = fine_tuned_model_name(ctx)
+            reporter.event(f"New fine-tuned model created: {name}", data={"fine_tuned_model": name})
+            reporter.event("The job has successfully completed", data=result.summary)
+            with session_scope(state.sessions) as session:
+                JobRunRepository(session, job_id).finish("succeeded", fine_tuned_model=name,
+                                                         adapter_key=result.adapter_key)
+        return result.status
+    except JobFailure as failure:
+        _fail(reporter, state, job_id, failure.as_error())
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - every failure must end the job with a readable error
+        log.exception("job %s failed", job_id)
+        code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
+        _fail(reporter, state, job_id, {"code": code, "message": f"{type(exc).__name__}: {exc}"[:1000],
+                                        "param": None})
+        return "failed"
+    finally:
+        if recipe is not None:
+            recipe.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+__all__ = ["app", "train", "run_job", "make_engine", "make_session_factory"]
