@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -120,3 +121,58 @@ def upload(api: Api) -> Callable[..., dict[str, object]]:
         return response.json()  # type: ignore[no-any-return]
 
     return _upload
+
+
+@dataclass
+class LiveService:
+    """The API in-process plus one real Celery worker process, shared by a test module."""
+
+    api: Api
+    headers: dict[str, str]
+    log: Path
+
+    def get(self, path: str) -> Any:
+        return self.api.client.get(path, headers=self.headers)
+
+    def upload(self, rows: list[dict[str, object]] | bytes, name: str = "data.jsonl") -> dict[str, Any]:
+        content = rows if isinstance(rows, bytes) else jsonl(rows)
+        r = self.api.client.post("/v1/files", headers=self.headers, files={"file": (name, content)},
+                                 data={"purpose": "fine-tune"})
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.api.client.post("/v1/fine_tuning/jobs", headers=self.headers, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def run(self, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+        """Create a job and wait for its end state; the worker log is printed if it did not succeed."""
+        from tests.processes import wait_for_job
+
+        job = wait_for_job(self.get, self.create_job(body)["id"], timeout=timeout)
+        if job["status"] != "succeeded":
+            print(self.log.read_text()[-6000:])
+        return job
+
+    def metric(self, job_id: str, name: str) -> list[float]:
+        data = self.get(f"/v1/fine_tuning/jobs/{job_id}/metrics?name={name}").json()["data"]
+        return [p["value"] for p in data]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    """Embedded parts (SQLite, filesystem broker, local objects) with a real worker process."""
+    from tests.processes import celery_worker
+
+    root = tmp_path_factory.mktemp("live")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
+    env |= {"ALIGND_DATA_DIR": str(root / "data"), "ALIGND_MODEL_CACHE": str(MODEL_CACHE)}
+    settings = make_settings(root / "data")
+    gen = _api(settings)
+    api = next(gen)
+    try:
+        with celery_worker(settings, env, root / "worker.log"):
+            yield LiveService(api, api.key("acme"), root / "worker.log")
+    finally:
+        next(gen, None)
