@@ -17,6 +17,7 @@ from service.api.files import FilesController
 from service.api.jobs import JobsController
 from service.api.models import ModelsController
 from service.errors import EXCEPTION_HANDLERS, APIError
+from service.limits import upload_size_limit
 from service.metrics import make_registry, metrics_endpoint
 from service.settings import Settings
 from service.state import AppState
@@ -51,9 +52,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
         route_handlers=[FilesController, JobsController, ModelsController, healthz, readyz, metrics_endpoint],
         dependencies={"principal": Provide(provide_principal, sync_to_thread=True)},
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[http_metrics.middleware],
+        middleware=[http_metrics.middleware, upload_size_limit(state.settings.limits.max_upload_bytes)],
         state=State({"alignd": state, "metrics_registry": registry}),
-        request_max_body_size=state.settings.limits.max_upload_bytes + (1 << 20),
+        request_max_body_size=state.settings.limits.max_json_bytes,
         openapi_config=OpenAPIConfig(
             title="alignd", version=VERSION,
             description="Self-hosted fine-tuning: SFT, reward models, DPO and PPO behind OpenAI's job API.",

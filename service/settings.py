@@ -17,6 +17,16 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def _int(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str
@@ -54,8 +64,11 @@ class StorageSettings:
 @dataclass(frozen=True)
 class LimitSettings:
     max_upload_bytes: int = 1 << 30
+    max_json_bytes: int = 1 << 20
     max_line_bytes: int = 4 << 20
     max_json_depth: int = 32
+    job_creates_per_minute: int = 60
+    max_active_jobs: int = 32
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,10 @@ class Settings:
             models=parse_models(_env("ALIGND_MODELS", "") or ""),
             model_cache_dir=Path(_env("ALIGND_MODEL_CACHE") or root / "models").resolve(),
             limits=LimitSettings(
-                max_upload_bytes=int(_env("ALIGND_MAX_UPLOAD_BYTES", str(1 << 30)) or 0),
+                max_upload_bytes=_int("ALIGND_MAX_UPLOAD_BYTES", 1 << 30),
+                max_json_bytes=_int("ALIGND_MAX_JSON_BYTES", 1 << 20),
+                job_creates_per_minute=_int("ALIGND_JOB_CREATES_PER_MINUTE", 60),
+                max_active_jobs=_int("ALIGND_MAX_ACTIVE_JOBS", 32),
             ),
         )
 

@@ -99,6 +99,7 @@ def test_tiny_model_has_smollm2_tokenizer_and_chat_template(tiny_model_dir: Path
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
+    assert isinstance(text, str)
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.pad_token == IM_END and tokenizer.eos_token == IM_END
     stop = GenerationConfig.from_pretrained(tiny_model_dir).eos_token_id
@@ -135,7 +136,8 @@ def test_configured_s3_model_is_downloaded_once(
         settings = make_settings(tmp_path / "cache", {"org/tiny": "s3://weights/models/tiny"})
         local = resolve_base_model("org/tiny", settings)
         assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
-        assert (local / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+        weights = (local / "model.safetensors").read_bytes()
+        assert weights == (tiny_model_dir / "model.safetensors").read_bytes()
         # A second resolve must come from the cache: the bucket is gone.
         for file in tiny_model_dir.iterdir():
             client.delete_object(Bucket="weights", Key=f"models/tiny/{file.name}")
@@ -223,6 +225,6 @@ def test_smollm2_is_converted_once_and_answers(tmp_path_factory: pytest.TempPath
     )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=20, do_sample=False)  # type: ignore[misc]
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

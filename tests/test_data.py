@@ -57,7 +57,7 @@ def trained_spans(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list
             if position == 0 or not mask[position - 1]:
                 spans.append([])
             spans[-1].append(token)
-    return [tokenizer.decode(span) for span in spans]
+    return [str(tokenizer.decode(span)) for span in spans]
 
 
 def qa_pair(prompt: str = "What is 2+2?", good: str = "4", bad: str = "5") -> PreferencePair:
@@ -203,9 +203,8 @@ def test_trl_implicit_prompt_is_the_shared_prefix(tokenizer: PreTrainedTokenizer
 
     tokenized = tokenize_preference(pair, tokenizer, 512)
     assert tokenized is not None and not tokenized.truncated
-    prompt_ids = encode(
-        tokenizer, tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    )
+    prompt_text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    prompt_ids = encode(tokenizer, str(prompt_text))
     for side, text in ((tokenized.chosen, "4"), (tokenized.rejected, "22")):
         assert side.input_ids[: len(prompt_ids)] == prompt_ids
         assert side.completion_mask == [0] * len(prompt_ids) + [1] * (len(side) - len(prompt_ids))
@@ -298,7 +297,9 @@ def test_collate_pairs_layout(tokenizer: PreTrainedTokenizerBase) -> None:
     assert "margin" not in collate_pairs(pairs[:1], tokenizer.pad_token_id)  # type: ignore[arg-type]
 
 
-def test_loss_mask_convention_matches_hf_labels(tiny_model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+def test_loss_mask_convention_matches_hf_labels(
+    tiny_model_dir: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
     """loss_mask marks targets at their own index; logits at t-1 predict them (as HF labels do)."""
     examples = [
         tokenize_supervised(normalize_supervised({"prompt": p, "completion": c}), tokenizer, 512)
@@ -307,7 +308,7 @@ def test_loss_mask_convention_matches_hf_labels(tiny_model_dir: Path, tokenizer:
     batch = collate_supervised(examples, tokenizer.pad_token_id)  # type: ignore[arg-type]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(**{key: batch[key] for key in ("input_ids", "attention_mask", "labels")})
     logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     mask = batch["loss_mask"][:, 1:].float()

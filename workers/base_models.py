@@ -50,6 +50,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -116,6 +117,9 @@ def materialise(target: Path, build: Callable[[Path], None]) -> Path:
     with _exclusive_lock(target.with_name(target.name + ".lock")):
         if target.is_dir():  # another process finished while we waited
             return target
+        # Only the lock holder writes temp dirs, so any left now are from a builder that was killed.
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             build(tmp)
@@ -235,11 +239,11 @@ def _create_tiny_random_llama(out: Path) -> None:
     # fork_rng: seeding must not disturb the caller's global RNG (e.g. a training loop in progress).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config)
     _save(model, tokenizer, out)
 
 
-def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     model.generation_config = _generation_config(tokenizer)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -100,7 +100,8 @@ class TokenizedSequence:
     @property
     def labels(self) -> list[int]:
         """Hugging Face style labels: the token where trained, ``-100`` elsewhere."""
-        return [tok if keep else IGNORE_INDEX for tok, keep in zip(self.input_ids, self.loss_mask, strict=True)]
+        pairs = zip(self.input_ids, self.loss_mask, strict=True)
+        return [token if keep else IGNORE_INDEX for token, keep in pairs]
 
 
 #: A tokenized supervised conversation has the same shape as one side of a pair.
@@ -299,7 +300,7 @@ def encode_segments(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) ->
                 previous_text, cut = text, len(ids)
                 continue
             aligned = False
-            logger.debug("token boundary straddled at char %d; tokenizing the rest piecewise", len(previous_text))
+            logger.debug("a token straddles char %d; tokenizing the rest piecewise", len(previous_text))
         pieces.append(_encode(tokenizer, text[len(previous_text) :]))
         previous_text = text
     return pieces
@@ -321,7 +322,7 @@ def trailing_template_whitespace(tokenizer: PreTrainedTokenizerBase, ids: Sequen
     count = 0
     while count < len(ids):
         token = ids[len(ids) - 1 - count]
-        if token in special or tokenizer.decode([token]).strip():
+        if token in special or str(tokenizer.decode([token])).strip():
             break
         count += 1
     if count and count < len(ids) and ids[len(ids) - 1 - count] in special:

@@ -32,7 +32,8 @@ class FilesController(Controller):
     path = "/v1/files"
     tags = ["files"]
 
-    @post("/", status_code=200, sync_to_thread=True, summary="Upload a JSONL dataset")
+    # No body limit here: upload_size_limit enforces ALIGND_MAX_UPLOAD_BYTES while the body streams.
+    @post("/", status_code=200, sync_to_thread=True, summary="Upload a JSONL dataset", request_max_body_size=None)
     def upload(self, request: Request, principal: Principal,  # type: ignore[type-arg]
                data: Annotated[FileUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
                idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key")] = None,

@@ -12,6 +12,7 @@ from service.datasets.validation import compatible_kinds
 from service.db.models import Job, JobEvent, new_id, now
 from service.db.repositories import OrgRepository
 from service.errors import APIError
+from service.limits import check_job_limits
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
 from service.model_registry import is_base_model
 from service.settings import Settings
@@ -54,6 +55,7 @@ def validate_file(repo: OrgRepository, file_id: str, param: str, method_type: st
 
 
 def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
+    check_job_limits(repo, settings.limits)
     method_type = spec.method.type
     if method_type not in IMPLEMENTED_METHODS:
         raise APIError(400, f"method '{method_type}' is not available in this release "
@@ -64,6 +66,10 @@ def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
     if other:
         raise APIError(400, f"method.{other[0]} given but method.type is '{method_type}'",
                        code="invalid_request", param=f"method.{other[0]}")
+    hp = spec.method.hyperparameters()
+    if getattr(hp, "label_smoothing", 0.0) and getattr(hp, "loss_type", "robust") != "robust":
+        raise APIError(400, "label_smoothing applies only to loss_type 'robust'", code="invalid_request",
+                       param=f"method.{method_type}.hyperparameters.label_smoothing")
     validate_model(repo, settings, spec.model)
     validate_file(repo, spec.training_file, "training_file", method_type)
     if spec.validation_file:

@@ -1,0 +1,101 @@
+"""Limits that protect the service: upload size (enforced while streaming), job-creation rate and
+concurrent jobs per organization.
+
+The upload limit is an ASGI middleware so it can refuse on ``Content-Length`` before reading a byte
+and stop a chunked upload the moment it crosses the limit; Litestar then spools what it accepted to
+a temporary file, so memory stays flat whatever the upload's size. Rate limits are counted in the
+database, so every API replica sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from sqlalchemy import func, select
+
+from service.db.models import Job, now
+from service.db.repositories import OrgRepository
+from service.errors import APIError
+from service.settings import LimitSettings
+
+ACTIVE = ("validating_files", "queued", "running", "paused")
+
+
+class UploadTooLarge(APIError):
+    """Raised from inside the body stream; Litestar's error handling renders it as a 413 envelope."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"upload is larger than the limit of {limit} bytes", code="file_too_large",
+                         param="file", headers={"Connection": "close"})
+
+
+def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/files/")) -> Any:
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in paths:
+                await app(scope, receive, send)
+                return
+            headers = dict(scope.get("headers") or [])
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await _reject(send, limit)
+                return
+            seen = 0
+            started = False
+
+            async def counting_receive() -> Message:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise UploadTooLarge(limit)
+                return message
+
+            async def tracking_send(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await app(scope, counting_receive, tracking_send)
+            except UploadTooLarge:
+                if not started:
+                    await _reject(send, limit)
+
+        return guarded
+
+    return middleware
+
+
+async def _reject(send: Send, limit: int) -> None:
+    body = json.dumps({"error": {"message": f"upload is larger than the limit of {limit} bytes",
+                                 "type": "invalid_request_error", "param": "file",
+                                 "code": "file_too_large"}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_job_limits(repo: OrgRepository, limits: LimitSettings) -> None:
+    """429 with Retry-After when an organization creates jobs too fast or has too many in flight."""
+    session, org = repo.session, repo.org
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.organization_id == org,
+                                                                        Job.status.in_(ACTIVE))) or 0
+    if active >= limits.max_active_jobs:
+        raise APIError(429, f"your organization has {active} active jobs; the limit is {limits.max_active_jobs}. "
+                       "Wait for one to finish or cancel one.", code="too_many_active_jobs",
+                       headers={"Retry-After": "30"})
+    window_start = now() - 60
+    recent = list(session.scalars(select(Job.created_at).where(Job.organization_id == org,
+                                                               Job.created_at > window_start)
+                                  .order_by(Job.created_at)))
+    if len(recent) >= limits.job_creates_per_minute:
+        oldest_relevant = recent[len(recent) - limits.job_creates_per_minute]
+        retry_after = max(1, math.ceil(oldest_relevant + 60 - now()))
+        raise APIError(429, f"rate limit: {limits.job_creates_per_minute} job creations per minute",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
