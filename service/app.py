@@ -19,6 +19,7 @@ from service.api.models import ModelsController
 from service.errors import EXCEPTION_HANDLERS, APIError
 from service.limits import upload_size_limit
 from service.metrics import make_registry, metrics_endpoint
+from service.reconciler import Reconciler
 from service.settings import Settings
 from service.state import AppState
 
@@ -43,12 +44,16 @@ def readyz(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
     return {"status": "ready"}
 
 
-def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Litestar:
+def create_app(settings: Settings | None = None, *, migrate: bool = True, reconcile: bool = False) -> Litestar:
+    """``reconcile`` starts the reconciler thread (``alignd api``/``serve``); tests drive it directly."""
     state = AppState(settings or Settings.from_env())
     if migrate:
         state.migrate()
     registry, http_metrics = make_registry(state)
+    reconciler = Reconciler(state) if reconcile else None
     return Litestar(
+        on_startup=[reconciler.start] if reconciler else [],
+        on_shutdown=[reconciler.stop] if reconciler else [],
         route_handlers=[FilesController, JobsController, ModelsController, healthz, readyz, metrics_endpoint],
         dependencies={"principal": Provide(provide_principal, sync_to_thread=True)},
         exception_handlers=EXCEPTION_HANDLERS,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli_client import add_client_commands
 from service.settings import Settings
 
 
@@ -26,7 +27,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def worker_command(settings: Settings, concurrency: int = 1) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-            "-Q", settings.broker.queue, "--concurrency", str(concurrency), "--pool", "prefork",
+            "-Q", settings.placement.worker_queue, "--concurrency", str(concurrency), "--pool", "prefork",
             "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel", "INFO",
             "-n", f"alignd-{os.getpid()}@%h"]
 
@@ -37,7 +38,7 @@ def cmd_api(args: argparse.Namespace, *, with_worker: bool = False) -> int:
     from service.app import create_app
 
     settings = _settings(args)
-    app = create_app(settings)  # migrates before anything else touches the database
+    app = create_app(settings, reconcile=True)  # migrates before anything else touches the database
     worker = subprocess.Popen(worker_command(settings), env=os.environ.copy()) if with_worker else None
     try:
         print(f"alignd: API on http://{args.host}:{args.port} (data dir {settings.data_dir})", flush=True)
@@ -80,6 +81,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         print(f"no active key {args.key_id}", file=sys.stderr)
         return 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the database schema to the latest revision (the k8s migration Job runs this)."""
+    from service.db.engine import make_engine, migrate
+
+    settings = _settings(args)
+    engine = make_engine(settings.database)
+    migrate(engine)
+    engine.dispose()
+    print("alignd: database schema is up to date", flush=True)
+    return 0
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
@@ -130,13 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a real DPO job end to end on SmolLM2-135M-Instruct")
     d.add_argument("--data-dir")
     d.add_argument("demo_args", nargs=argparse.REMAINDER)
+    m = sub.add_parser("migrate", help="apply database migrations and exit")
+    m.add_argument("--data-dir")
     o = sub.add_parser("openapi", help="write the OpenAPI document")
     o.add_argument("--output", default="openapi/openapi.json")
+    add_client_commands(sub)  # files …, jobs …: the HTTP client (service/cli_client.py)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_handler", None) is not None:
+        return int(args.client_handler(args))
     handlers = {
         "serve": lambda a: cmd_api(a, with_worker=True),
         "api": cmd_api,
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": cmd_keys,
         "demo": cmd_demo,
         "openapi": cmd_openapi,
+        "migrate": cmd_migrate,
     }
     return int(handlers[args.command](args) or 0)
 

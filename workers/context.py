@@ -56,8 +56,9 @@ class JobContext:
 
 @dataclass
 class TrainResult:
-    status: str  # "succeeded" | "cancelled"
+    status: str  # "succeeded" | "cancelled" | "paused"
     trained_tokens: int
     final_metrics: dict[str, float]
     adapter_key: str | None = None
     summary: dict[str, Any] | None = None
+    step: int | None = None

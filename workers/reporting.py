@@ -2,11 +2,19 @@
 
 Each call is its own short transaction, so the API sees progress as it happens and a crash loses at
 most the step in flight.
+
+Every step also records the job's peak host RSS and peak CUDA memory per device (``workers.memory``),
+so recipes report memory without doing anything. Under ``accelerate launch`` (N ranks) only rank 0
+writes; each step's metrics are combined over the ranks first (``workers.distributed``: tokens and
+throughput summed, losses and rewards averaged), and rank 0's cancel/pause decision reaches every
+rank in the same step.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from typing import Any
 
@@ -14,6 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.engine import session_scope
 from service.db.repositories import JobRunRepository
+from workers.distributed import from_main, gather_metrics, is_main_process
+from workers.memory import PeakMemory
+
+HEARTBEAT_INTERVAL = float(os.environ.get("ALIGND_HEARTBEAT_INTERVAL") or 10.0)
 
 
 # What a one-line step event shows first, whichever method produced the metrics.
@@ -27,15 +39,28 @@ class Reporter:
         self.job_id = job_id
         self.started = time.time()
         self._last_cancel_check = 0.0
-        self._cancelled = False
+        self._stop_reason: str | None = None
+        self.memory = PeakMemory()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that writes."""
+        return is_main_process()
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        if not self.is_main:
+            return
         with session_scope(self.sessions) as s:
             JobRunRepository(s, self.job_id).add_event(message, level=level, data=data)
 
     def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
         """One optimizer step: metric points, a ``metrics`` event and the job's progress, atomically."""
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        clean.update(self.memory.sample())
+        clean = gather_metrics({**clean, "_trained_tokens": float(trained_tokens)})
+        trained_tokens = int(clean.pop("_trained_tokens"))
+        if not self.is_main:
+            return
         elapsed = time.time() - self.started
         eta = self.started + elapsed / step * total_steps if step else None
         shown = [k for k in SUMMARY_ORDER if k in clean][:4]
@@ -49,28 +74,82 @@ class Reporter:
                           estimated_finish=eta)
 
     def metrics_only(self, step: int, values: dict[str, float]) -> None:
+        values = gather_metrics(values)
+        if not self.is_main:
+            return
         with session_scope(self.sessions) as s:
             JobRunRepository(s, self.job_id).add_metrics(step, values)
 
     def progress(self, *, step: int, total_steps: int) -> None:
+        if not self.is_main:
+            return
         with session_scope(self.sessions) as s:
             JobRunRepository(s, self.job_id).progress(step=step, total_steps=total_steps)
 
     def checkpoint(self, step: int, metrics: dict[str, float], storage_key: str) -> None:
+        if not self.is_main:
+            return
         with session_scope(self.sessions) as s:
             repo = JobRunRepository(s, self.job_id)
             repo.add_checkpoint(step, metrics, storage_key)
             repo.add_event(f"Checkpoint saved at step {step}", data={"step": step})
 
     def should_stop(self, *, min_interval: float = 0.5) -> bool:
-        """True once the job was cancelled (or otherwise left ``running``); read at most every 0.5 s."""
-        if self._cancelled:
-            return True
+        """True once the job was cancelled or asked to pause; read at most every 0.5 s."""
+        return self.stop_reason(min_interval=min_interval) is not None
+
+    def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
+        """``"cancel"``, ``"pause"`` or None. A job that left ``running`` otherwise counts as cancelled.
+
+        Under several ranks every rank calls this once per step; rank 0 reads the database and
+        its answer is broadcast, so all ranks stop at the same step."""
+        if self._stop_reason is not None:
+            return self._stop_reason
+        reason = self._read_stop_reason(min_interval) if self.is_main else None
+        self._stop_reason = from_main(reason)
+        return self._stop_reason
+
+    def _read_stop_reason(self, min_interval: float) -> str | None:
         now = time.monotonic()
         if now - self._last_cancel_check < min_interval:
-            return False
+            return None
         self._last_cancel_check = now
         with session_scope(self.sessions) as s:
             job = JobRunRepository(s, self.job_id).job()
-            self._cancelled = job.cancel_requested or job.status != "running"
-        return self._cancelled
+            if job.cancel_requested or job.status != "running":
+                self._stop_reason = "cancel"
+            elif job.pause_requested:
+                self._stop_reason = "pause"
+        return self._stop_reason
+
+    def heartbeat(self) -> None:
+        if not self.is_main:
+            return
+        with session_scope(self.sessions) as s:
+            JobRunRepository(s, self.job_id).heartbeat()
+
+
+class Heartbeat:
+    """Keeps ``heartbeat_at`` fresh while a job runs, also through long set-up and slow steps,
+    so the reconciler can tell a slow job from a dead worker."""
+
+    def __init__(self, reporter: Reporter, interval: float = HEARTBEAT_INTERVAL) -> None:
+        self.reporter = reporter
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alignd-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.reporter.heartbeat()
+            except Exception:  # noqa: BLE001 - a missed beat is retried on the next tick
+                pass

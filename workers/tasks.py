@@ -21,7 +21,7 @@ from service.settings import Settings
 from service.state import AppState
 from workers.celery_app import app, settings
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.reporting import Reporter
+from workers.reporting import Heartbeat, Reporter
 
 log = logging.getLogger("alignd.worker")
 
@@ -105,6 +105,11 @@ def run_job(job_id: str, settings: Settings) -> str:
             log.info("job %s is not queued any more; nothing to do", job_id)
             return "skipped"
     reporter = Reporter(state.sessions, job_id)
+    with Heartbeat(reporter):
+        return _run_claimed(state, job_id, reporter)
+
+
+def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
     workdir = Path(tempfile.mkdtemp(prefix=f"alignd-{job_id}-"))
     recipe: Recipe | None = None
     try:
@@ -112,6 +117,10 @@ def run_job(job_id: str, settings: Settings) -> str:
         recipe = recipe_for(ctx.method.type, ctx)
         recipe.setup()
         result = recipe.train()
+        if result.status == "paused":
+            with session_scope(state.sessions) as session:
+                JobRunRepository(session, job_id).mark_paused(result.step or 0)
+            reporter.event(f"Job paused at step {result.step}; resume continues from this checkpoint")
         if result.status == "succeeded":
             name = fine_tuned_model_name(ctx)
             reporter.event(f"New fine-tuned model created: {name}", data={"fine_tuned_model": name})

@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from service.api.deps import app_state, org_repo
 from service.auth import Principal
 from service.errors import APIError
-from service.jobs.service import cancel_job, create_job, present_event, present_job, request_hash
+from service.jobs.service import (cancel_job, create_job, pause_job, present_event, present_job, request_hash,
+                                  resume_job)
 from service.jobs.spec import JobCreate, to_builtins
 from service.queue import send_train
 from service.state import AppState
@@ -89,6 +90,19 @@ class JobsController(Controller):
     def cancel(self, request: Request, principal: Principal, job_id: str) -> dict[str, Any]:  # type: ignore[type-arg]
         with org_repo(app_state(request), principal) as repo:
             return present_job(cancel_job(repo, repo.get_job(job_id)))
+
+    @post("/{job_id:str}/pause", status_code=200, sync_to_thread=True, summary="Pause a job (checkpoint, free the worker)")
+    def pause(self, request: Request, principal: Principal, job_id: str) -> dict[str, Any]:  # type: ignore[type-arg]
+        with org_repo(app_state(request), principal) as repo:
+            return present_job(pause_job(repo, repo.get_job(job_id)))
+
+    @post("/{job_id:str}/resume", status_code=200, sync_to_thread=True, summary="Resume a paused job")
+    def resume(self, request: Request, principal: Principal, job_id: str) -> dict[str, Any]:  # type: ignore[type-arg]
+        state = app_state(request)
+        with org_repo(state, principal) as repo:
+            body = present_job(resume_job(repo, repo.get_job(job_id)))
+        send_train(state.celery, state.settings, job_id)
+        return body
 
     @get("/{job_id:str}/events", sync_to_thread=True, summary="List a job's events")
     def events(self, request: Request, principal: Principal, job_id: str,  # type: ignore[type-arg]

@@ -142,11 +142,13 @@ class JobRunRepository:
         self.session.refresh(job)
         return job
 
-    def claim(self) -> bool:
-        """queued → running only if still queued, so a duplicate delivery of the task does nothing."""
+    def claim(self, worker: str | None = None) -> bool:
+        """queued → running only if still queued, so a duplicate delivery of the task does nothing.
+
+        ``worker`` (the Celery node name) is recorded so that worker's ``/metrics`` shows the job."""
         result = self.session.execute(
             update(Job).where(Job.id == self.job_id, Job.status == "queued")
-            .values(status="running", started_at=now(), heartbeat_at=now())
+            .values(status="running", started_at=now(), heartbeat_at=now(), worker=worker)
         )
         return (result.rowcount or 0) == 1  # type: ignore[attr-defined]
 
@@ -180,6 +182,24 @@ class JobRunRepository:
         if estimated_finish is not None:
             values["estimated_finish"] = estimated_finish
         self.session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+
+    def heartbeat(self) -> None:
+        self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
+                             .values(heartbeat_at=now()))
+
+    def mark_paused(self, step: int) -> None:
+        self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
+                             .values(status="paused", pause_requested=False, step=step))
+
+    def drop_series_after(self, step: int) -> None:
+        """Resuming from step N: points and checkpoints of steps after N were never made durable."""
+        self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step))
+        self.session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id,
+                                                      Checkpoint.step_number > step))
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return self.session.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id)
+                                   .order_by(Checkpoint.step_number.desc()).limit(1))
 
     def cancel_requested(self) -> bool:
         return bool(self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))

@@ -13,6 +13,7 @@ from service.db.models import Job, JobEvent, new_id, now
 from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.limits import check_job_limits
+from service.jobs.chaining import validate_ppo
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
 from service.model_registry import is_base_model
 from service.settings import Settings
@@ -71,6 +72,8 @@ def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
         raise APIError(400, "label_smoothing applies only to loss_type 'robust'", code="invalid_request",
                        param=f"method.{method_type}.hyperparameters.label_smoothing")
     validate_model(repo, settings, spec.model)
+    if method_type == "ppo":
+        validate_ppo(repo, settings, spec)
     validate_file(repo, spec.training_file, "training_file", method_type)
     if spec.validation_file:
         validate_file(repo, spec.validation_file, "validation_file", method_type)
@@ -84,7 +87,30 @@ def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
     repo.add(job)
     repo.add(JobEvent(job_id=job.id, message=f"Validated training file: {spec.training_file}"))
     job.status = "queued"
+    job.enqueued_at = now()
     repo.add(JobEvent(job_id=job.id, message="Job queued"))
+    return job
+
+
+def pause_job(repo: OrgRepository, job: Job) -> Job:
+    """Queued jobs pause at once; a running job checkpoints first (the worker sets ``paused``)."""
+    if job.status == "queued":
+        job.status = "paused"
+        repo.add(JobEvent(job_id=job.id, message="Job paused before it started"))
+    elif job.status == "running":
+        job.pause_requested = True
+        repo.add(JobEvent(job_id=job.id, message="Pause requested: the job will checkpoint and pause"))
+    elif job.status != "paused":
+        raise APIError(409, f"job {job.id} is {job.status} and cannot be paused", code="job_not_pausable",
+                       param="id")
+    return job
+
+
+def resume_job(repo: OrgRepository, job: Job) -> Job:
+    if job.status != "paused":
+        raise APIError(409, f"job {job.id} is {job.status}, not paused", code="job_not_paused", param="id")
+    job.status, job.pause_requested, job.enqueued_at = "queued", False, now()
+    repo.add(JobEvent(job_id=job.id, message="Job resumed: queued to continue from its latest checkpoint"))
     return job
 
 
@@ -92,7 +118,7 @@ def cancel_job(repo: OrgRepository, job: Job) -> Job:
     if job.status in TERMINAL:
         raise APIError(409, f"job {job.id} is already {job.status}", code="job_not_cancellable", param="id")
     # The worker polls cancel_requested between steps and stops within one step.
-    job.cancel_requested = True
+    job.cancel_requested, job.pause_requested = True, False
     job.status = "cancelled"
     job.finished_at = now()
     repo.add(JobEvent(job_id=job.id, message="Job cancelled by request"))
