@@ -11,6 +11,9 @@ import re
 from typing import Any
 
 from litestar import Request, Response
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+from msgspec import Struct
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
@@ -19,6 +22,36 @@ log = logging.getLogger("alignd.api")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ErrorBody(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(Struct):
+    """OpenAI's error shape; every 4xx/5xx the API returns has it."""
+
+    error: ErrorBody
+
+
+ERROR_STATUSES = {400: "Invalid request (the message and param name the field at fault)",
+                  401: "Missing or invalid API key", 404: "No such object in your organization",
+                  409: "Conflict with the object's state or an earlier request",
+                  413: "Request body or upload too large", 429: "Rate or concurrency limit (see Retry-After)"}
+
+
+def document_errors(*controllers: type) -> None:
+    """Declare the error envelope for every status a route can answer, so clients and fuzzers
+    see the real contract instead of Litestar's default validation schema."""
+    responses = {status: ResponseSpec(data_container=ErrorEnvelope, description=text, generate_examples=False)
+                 for status, text in ERROR_STATUSES.items()}
+    for controller in controllers:
+        for value in vars(controller).values():
+            if isinstance(value, HTTPRouteHandler):
+                value.responses = {**responses, **(value.responses or {})}
 
 
 class APIError(Exception):
