@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast openapi bench-dpo lint clean
+.PHONY: install chromium demo test test-fast openapi bench-dpo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium for the dashboard test: installed from Debian when missing and we are root; the test
+# skips (saying why) where it cannot be installed.
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "make: /usr/bin/chromium is missing; tests/test_dashboard.py will skip (apt-get install chromium)"
+
 demo: install
 	$(BIN)/alignd demo
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

@@ -38,7 +38,8 @@ def cmd_api(args: argparse.Namespace, *, with_worker: bool = False) -> int:
     from service.app import create_app
 
     settings = _settings(args)
-    app = create_app(settings, reconcile=True)  # migrates before anything else touches the database
+    # migrates before anything else touches the database, unless a migration Job owns that (k8s)
+    app = create_app(settings, reconcile=True, migrate=not getattr(args, "skip_migrate", False))
     worker = subprocess.Popen(worker_command(settings), env=os.environ.copy()) if with_worker else None
     try:
         print(f"alignd: API on http://{args.host}:{args.port} (data dir {settings.data_dir})", flush=True)
@@ -57,7 +58,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from service.db.engine import make_engine, migrate
 
-    migrate(make_engine(settings.database))
+    if not args.skip_migrate:
+        migrate(make_engine(settings.database))
     command = worker_command(settings, args.concurrency)
     os.execv(command[0], command)
     return 0  # pragma: no cover
@@ -130,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
         p.add_argument("--data-dir")
+        p.add_argument("--skip-migrate", action="store_true", help="leave the schema to `alignd migrate`")
     w = sub.add_parser("worker", help="a training worker (Celery)")
     w.add_argument("--data-dir")
     w.add_argument("--concurrency", type=int, default=1)
+    w.add_argument("--skip-migrate", action="store_true", help="leave the schema to `alignd migrate`")
     k = sub.add_parser("keys", help="manage API keys")
     k.add_argument("--data-dir")
     ksub = k.add_subparsers(dest="keys_command", required=True)

@@ -61,6 +61,13 @@ class Client:
     def list_files(self) -> list[dict[str, Any]]:
         return self._json(self.http.get("/v1/files"))["data"]  # type: ignore[no-any-return]
 
+    def file(self, file_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/files/{file_id}"))  # type: ignore[no-any-return]
+
+    def file_analysis(self, file_id: str, model: str | None = None) -> dict[str, Any]:
+        params = {"model": model} if model else {}
+        return self._json(self.http.get(f"/v1/files/{file_id}/analysis", params=params))  # type: ignore[no-any-return]
+
     # jobs
     def create_job(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -88,9 +95,20 @@ class Client:
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         return self._json(self.http.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints"))["data"]  # type: ignore[no-any-return]
 
-    def download_adapter(self, job_id: str, target: Path) -> Path:
-        """Extract the final adapter archive into ``target`` (a directory peft loads)."""
-        response = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/adapter")
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.job_action(job_id, "cancel")
+
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        return self.job_action(job_id, "pause")
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return self.job_action(job_id, "resume")
+
+    def download_adapter(self, job_id: str, target: Path, checkpoint_id: str | None = None) -> Path:
+        """Extract the final adapter archive (or a checkpoint's) into ``target`` (a directory peft loads)."""
+        path = (f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content" if checkpoint_id
+                else f"/v1/fine_tuning/jobs/{job_id}/adapter")
+        response = self.http.get(path)
         if response.status_code >= 400:
             self._json(response)
         target.mkdir(parents=True, exist_ok=True)
@@ -103,14 +121,24 @@ class Client:
         """Yield (job, new events) until the job ends."""
         last: str | None = None
         deadline = time.time() + timeout if timeout else None
+
+        def drain() -> list[dict[str, Any]]:  # every event since ``last``, however many pages
+            nonlocal last
+            out: list[dict[str, Any]] = []
+            while True:
+                page = self.events(job_id, after=last, limit=1000)
+                if page:
+                    last = page[-1]["id"]
+                out.extend(page)
+                if len(page) < 1000:
+                    return out
+
         while True:
-            new = self.events(job_id, after=last)
-            if new:
-                last = new[-1]["id"]
+            new = drain()
             job = self.job(job_id)
             yield job, new
             if job["status"] in TERMINAL:
-                tail = self.events(job_id, after=last)
+                tail = drain()
                 if tail:
                     yield job, tail
                 return

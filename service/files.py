@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, BinaryIO
 
+from service.datasets.analysis import analyze_jsonl
 from service.datasets.validation import ValidationReport, validate_jsonl
 from service.db.models import File, new_id
 from service.db.repositories import OrgRepository
@@ -33,7 +34,13 @@ def present_file(f: File) -> dict[str, Any]:
         "status_details": f.status_details,
         "format": f.kind,
         "examples": f.n_examples,
+        "analysis": file_analysis(f),
     }
+
+
+def file_analysis(f: File) -> dict[str, Any] | None:
+    """Kept in the ``validation`` JSON column under ``analysis`` (see service/datasets/analysis.py)."""
+    return (f.validation or {}).get("analysis")
 
 
 def _chunks(stream: BinaryIO) -> Any:
@@ -58,6 +65,12 @@ def create_file(repo: OrgRepository, store: ObjectStore, limits: LimitSettings, 
     report: ValidationReport = validate_jsonl(_chunks(stream), max_line_bytes=limits.max_line_bytes,
                                               max_depth=limits.max_json_depth)
     stream.seek(0)
+    validation = report.to_dict()
+    if report.kind is not None:
+        validation["analysis"] = analyze_jsonl(_chunks(stream), kind=report.kind.value,
+                                               variant=report.variant, max_line_bytes=limits.max_line_bytes,
+                                               max_depth=limits.max_json_depth)
+        stream.seek(0)
     file_id = new_id("file")
     key = file_storage_key(file_id)
     size = store.put_stream(key, stream)
@@ -69,7 +82,19 @@ def create_file(repo: OrgRepository, store: ObjectStore, limits: LimitSettings, 
         id=file_id, organization_id=repo.org, filename=safe_name, purpose=purpose, bytes=size,
         status="processed" if report.ok else "error", status_details=report.status_details(),
         kind=report.kind.value if report.kind else None, n_examples=report.n_examples,
-        validation=report.to_dict(), storage_key=key,
+        validation=validation, storage_key=key,
     )
     repo.add(row)
     return row
+
+
+def ensure_analysis(row: File, store: ObjectStore, limits: LimitSettings) -> dict[str, Any] | None:
+    """The file's analysis; computed from the stored content (and kept) for files stored before analysis."""
+    found = file_analysis(row)
+    if found is not None or not row.kind:
+        return found
+    variant = (row.validation or {}).get("variant")
+    analysis = analyze_jsonl(store.iter_chunks(row.storage_key), kind=row.kind, variant=variant,
+                             max_line_bytes=limits.max_line_bytes, max_depth=limits.max_json_depth)
+    row.validation = {**(row.validation or {}), "analysis": analysis}
+    return analysis

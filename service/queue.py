@@ -53,24 +53,45 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def send_train(app: Celery, settings: Settings, job_id: str) -> bool:
-    """Publish "job X is ready". A failure is logged, not raised: the job row stays queued."""
+def send_train(app: Celery, settings: Settings, job_id: str, queue: str | None = None) -> bool:
+    """Publish "job X is ready" to the job's queue (the first configured queue when it has none).
+
+    A failure is logged, not raised: the job row stays queued."""
     try:
-        app.send_task(TRAIN_TASK, args=[job_id], queue=settings.broker.queue)
+        app.send_task(TRAIN_TASK, args=[job_id], queue=queue or settings.placement.queues[0].name)
         return True
     except Exception:  # noqa: BLE001 - the broker being down must not fail the create request
         log.exception("could not publish %s for %s; the job stays queued", TRAIN_TASK, job_id)
         return False
 
 
-def queue_depth(app: Celery, settings: Settings) -> int | None:
-    """Messages waiting in the job queue, or None when the broker cannot say."""
+def queue_depths(app: Celery, settings: Settings) -> dict[str, int] | None:
+    """Messages waiting in each configured queue (0 for an empty one), or None when the broker cannot say."""
+    names = [q.name for q in settings.placement.queues]
     try:
         if settings.broker.embedded:
-            folder = settings.broker.filesystem_dir / "queue"
-            return sum(1 for p in folder.iterdir() if p.suffix == ".msg")
+            # kombu's filesystem transport names each message ``<ms>_<uuid>.<queue>.msg``
+            counts = dict.fromkeys(names, 0)
+            for path in (settings.broker.filesystem_dir / "queue").iterdir():
+                queue = path.name.partition(".")[2].removesuffix(".msg")
+                if path.suffix == ".msg" and queue in counts:
+                    counts[queue] += 1
+            return counts
         with app.connection_for_write() as conn:
-            _, count, _ = conn.default_channel.queue_declare(queue=settings.broker.queue, passive=True)
-            return int(count)
+            channel = conn.default_channel
+            # Virtual transports (Redis) count a queue's messages with _size; an empty Redis queue does
+            # not exist as a key, so a passive declare would fail where the honest answer is 0.
+            size = getattr(channel, "_size", None)
+            if size is not None:
+                return {name: int(size(name)) for name in names}
+            return {name: int(channel.queue_declare(queue=name, passive=True)[1]) for name in names}
     except Exception:  # noqa: BLE001
         return None
+
+
+def queue_depth(app: Celery, settings: Settings, queue: str | None = None) -> int | None:
+    """Messages waiting in ``queue`` (all configured queues together when None), or None when unknown."""
+    depths = queue_depths(app, settings)
+    if depths is None:
+        return None
+    return depths.get(queue, 0) if queue is not None else sum(depths.values())

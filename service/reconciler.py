@@ -86,10 +86,10 @@ def republish_queued(state: AppState, cfg: ReconcilerSettings) -> int:
             return 0
         cutoff = now() - cfg.requeue_after
         due = [j for j in queued if j.enqueued_at is None or j.enqueued_at < cutoff][:missing]
-        ids = [j.id for j in due]
+        ids = [(j.id, j.queue) for j in due]  # each to the queue it was routed to
         for job in due:
             job.enqueued_at = now()
-    sent = sum(send_train(state.celery, state.settings, job_id) for job_id in ids)
+    sent = sum(send_train(state.celery, state.settings, job_id, queue) for job_id, queue in ids)
     if sent:
         log.info("re-published %d queued job(s) the broker did not hold", sent)
     return sent

@@ -8,6 +8,7 @@ environment switches to it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,43 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class QueueSpec:
+    """A Celery queue and what each worker consuming it can hold.
+
+    ``capacity_bytes`` is the memory of one device (GPU memory, or host memory for a CPU queue);
+    ``devices`` how many devices one worker has (the most ``resources.gpus`` a job there may ask
+    for). ``None`` means unlimited (the embedded default's single queue).
+    """
+
+    name: str
+    capacity_bytes: int | None = None
+    devices: int | None = None
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    """Where jobs go: ``ALIGND_QUEUES`` (``name=capacity[:devices]``, comma-separated), the queue this
+    worker consumes (``ALIGND_WORKER_QUEUE``), and the throughput assumed for time estimates when no
+    finished job of the model has been measured (``ALIGND_TOKENS_PER_SECOND``)."""
+
+    queues: tuple[QueueSpec, ...] = (QueueSpec("alignd"),)
+    #: Celery ``-Q`` of ``alignd worker``: comma-separated; every configured queue when not set
+    #: (the embedded default). Production sets it per GPU class.
+    worker_queue: str = "alignd"
+    tokens_per_second: float = 1000.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``ALIGND_WORKER_METRICS_PORT``: each worker serves its own jobs' series on this port.
+    ``ALIGND_API_JOB_METRICS``: whether the API's ``/metrics`` also shows every running job's series
+    (on by default, which the embedded default needs; production turns it off when workers serve them)."""
+
+    worker_port: int | None = None
+    api_job_series: bool = True
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     database: DatabaseSettings
@@ -80,11 +118,16 @@ class Settings:
     models: dict[str, str] = field(default_factory=dict)
     model_cache_dir: Path = Path(".alignd/models")
     limits: LimitSettings = field(default_factory=LimitSettings)
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> Settings:
         root = Path(data_dir or _env("ALIGND_DATA_DIR", "./.alignd") or ".alignd").resolve()
         broker_dir = root / "broker"
+        default_queue = _env("ALIGND_QUEUE", "alignd") or "alignd"
+        queues = parse_queues(_env("ALIGND_QUEUES", "") or "") or (QueueSpec(default_queue),)
+        port = _env("ALIGND_WORKER_METRICS_PORT")
         return cls(
             data_dir=root,
             database=DatabaseSettings(_env("ALIGND_DATABASE_URL") or f"sqlite:///{root / 'alignd.db'}"),
@@ -105,6 +148,16 @@ class Settings:
                 job_creates_per_minute=_int("ALIGND_JOB_CREATES_PER_MINUTE", 60),
                 max_active_jobs=_int("ALIGND_MAX_ACTIVE_JOBS", 32),
             ),
+            placement=PlacementSettings(
+                queues=queues,
+                worker_queue=_env("ALIGND_WORKER_QUEUE") or ",".join(q.name for q in queues),
+                tokens_per_second=float(_env("ALIGND_TOKENS_PER_SECOND", "1000") or 1000),
+            ),
+            metrics=MetricsSettings(
+                worker_port=int(port) if port else None,
+                api_job_series=(_env("ALIGND_API_JOB_METRICS", "true") or "true").lower()
+                not in ("0", "false", "no", "off"),
+            ),
         )
 
 
@@ -117,3 +170,36 @@ def parse_models(spec: str) -> dict[str, str]:
             raise ValueError(f"ALIGND_MODELS entry {item!r} is not name=location")
         models[name.strip()] = location.strip()
     return models
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20,
+          "gi": 1 << 30, "gib": 1 << 30, "ti": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int | None:
+    """``24GiB``, ``80GB``, ``24Gi``, ``512MiB``, ``1e9`` → bytes; ``unlimited``/``inf``/``*`` → None."""
+    value = text.strip().lower()
+    if value in ("unlimited", "inf", "*", "none"):
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", value)
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"{text!r} is not a size such as 24GiB, 80GB or unlimited")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_queues(spec: str) -> tuple[QueueSpec, ...]:
+    """``ALIGND_QUEUES``: ``gpu-24g=24GiB,gpu-80g=80GiB:8,cpu=64GiB`` (``:N`` devices per worker, default 1;
+    ``:*`` unlimited)."""
+    queues: list[QueueSpec] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, rest = item.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"ALIGND_QUEUES entry {item!r} is not name=capacity[:devices]")
+        capacity, _, devices = rest.partition(":")
+        count = devices.strip()
+        queues.append(QueueSpec(name, parse_bytes(capacity), None if count == "*" else int(count or 1)))
+    if len({q.name for q in queues}) != len(queues):
+        raise ValueError("ALIGND_QUEUES names a queue twice")
+    return tuple(queues)

@@ -39,7 +39,7 @@ def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterato
             stop(proc)
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 8) -> None:
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)

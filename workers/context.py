@@ -43,6 +43,10 @@ class JobContext:
     store: ObjectStore
     reporter: Reporter
     workdir: Path
+    # (step, storage key) of the checkpoint to resume from; set by the task when one exists
+    resume_from: tuple[int, str] | None = None
+    # set by the training loop while it writes a checkpoint, so the archive carries the whole state
+    training_state: dict[str, Any] | None = None
 
     @property
     def hyperparameters(self) -> CommonHyperparameters:

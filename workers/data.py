@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from workers.distributed import shard_batches
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
@@ -506,13 +508,17 @@ def length_bucketed_batches(
     ``BUCKET_BATCHES`` batches (so epochs with different seeds still mix examples), cut into
     batches, and the batch order is shuffled. Without it, all indices are sorted longest first
     (evaluation: the largest batch runs first, so an out-of-memory shows up at once).
+
+    Under ``accelerate launch`` with N ranks, ``batch_size`` is the global batch and each rank gets
+    its slice of every batch (``workers.distributed.shard_batches``): same steps, same examples per
+    step as one process.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     order = list(range(len(lengths)))
     if not shuffle:
         order.sort(key=lambda i: -lengths[i])
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        return shard_batches([order[i : i + batch_size] for i in range(0, len(order), batch_size)])
     rng = random.Random(seed)
     rng.shuffle(order)
     chunk = batch_size * BUCKET_BATCHES
@@ -521,4 +527,4 @@ def length_bucketed_batches(
         group = sorted(order[start : start + chunk], key=lambda i: lengths[i])  # stable: ties stay random
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
-    return batches
+    return shard_batches(batches)

@@ -47,11 +47,12 @@ class Reporter:
         """Rank 0 (or the only process): the one that writes."""
         return is_main_process()
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
+              type: str = "message") -> None:  # noqa: A002 - the API's field is called "type"
         if not self.is_main:
             return
         with session_scope(self.sessions) as s:
-            JobRunRepository(s, self.job_id).add_event(message, level=level, data=data)
+            JobRunRepository(s, self.job_id).add_event(message, level=level, data=data, type=type)
 
     def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
         """One optimizer step: metric points, a ``metrics`` event and the job's progress, atomically."""
@@ -121,6 +122,15 @@ class Reporter:
             elif job.pause_requested:
                 self._stop_reason = "pause"
         return self._stop_reason
+
+    def resumed(self, step: int) -> None:
+        """Steps after ``step`` were lost with the worker: their points go, so the series has no repeat."""
+        if not self.is_main:
+            return
+        with session_scope(self.sessions) as s:
+            repo = JobRunRepository(s, self.job_id)
+            repo.drop_series_after(step)
+            repo.add_event(f"resumed from step {step}", data={"step": step})
 
     def heartbeat(self) -> None:
         if not self.is_main:

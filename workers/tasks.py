@@ -21,6 +21,7 @@ from service.settings import Settings
 from service.state import AppState
 from workers.celery_app import app, settings
 from workers.context import JobContext, JobFailure, TrainResult
+from workers.metrics_server import serve_worker_metrics
 from workers.reporting import Heartbeat, Reporter
 
 log = logging.getLogger("alignd.worker")
@@ -37,6 +38,7 @@ RECIPES: dict[str, str] = {
     "dpo": "workers.recipes.dpo:DPORecipe",
     "supervised": "workers.recipes.sft:SFTRecipe",
     "reward_model": "workers.recipes.reward_model:RewardModelRecipe",
+    "ppo": "workers.recipes.ppo:PPORecipe",
 }
 
 
@@ -63,7 +65,7 @@ def worker_state(settings: Settings) -> AppState:
 
 @app.task(name=TRAIN_TASK, acks_late=True)
 def train(job_id: str) -> None:
-    run_job(job_id, settings)
+    run_job(job_id, settings, worker=train.request.hostname)
 
 
 def _context(state: AppState, job_id: str, reporter: Reporter, workdir: Path) -> JobContext:
@@ -78,7 +80,9 @@ def _context(state: AppState, job_id: str, reporter: Reporter, workdir: Path) ->
             adapters.insert(0, parent.adapter_key)
             base = parent.model
         validation_key = repo.file(job.validation_file).storage_key if job.validation_file else None
+        latest = repo.latest_checkpoint()
         return JobContext(
+            resume_from=(latest.step_number, latest.storage_key) if latest else None,
             job_id=job.id, organization_name=repo.organization_name(job.organization_id), model=job.model,
             base_model=base, parent_adapter_keys=adapters, method=method_from_row(job.method),
             training_type=training_type_from_row(job.training_type), seed=job.seed, suffix=job.suffix,
@@ -93,19 +97,30 @@ def fine_tuned_model_name(ctx: JobContext) -> str:
 
 def _fail(reporter: Reporter, state: AppState, job_id: str, error: dict[str, Any]) -> None:
     reporter.event(f"Job failed: {error['message']}", level="error", data={"code": error["code"]})
+    if not reporter.is_main:  # under accelerate launch, rank 0 records the end state
+        return
     with session_scope(state.sessions) as session:
         JobRunRepository(session, job_id).finish("failed", error=error)
 
 
-def run_job(job_id: str, settings: Settings) -> str:
-    """Run one job to an end state; returns the status it ended in (or 'skipped')."""
+def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
+    """Run one job to an end state; returns the status it ended in (or 'skipped').
+
+    ``worker`` (the Celery node name) is recorded on the job: that worker's ``/metrics`` shows it.
+    A job with ``resources.gpus`` > 1 runs under ``accelerate launch`` (``workers.launch``)."""
     state = worker_state(settings)
     with session_scope(state.sessions) as session:
-        if not JobRunRepository(session, job_id).claim():
+        repo = JobRunRepository(session, job_id)
+        if not repo.claim(worker):
             log.info("job %s is not queued any more; nothing to do", job_id)
             return "skipped"
+        resources = dict(repo.job().resources or {})
     reporter = Reporter(state.sessions, job_id)
     with Heartbeat(reporter):
+        if int(resources.get("gpus") or 1) > 1:
+            from workers.launch import supervise
+
+            return supervise(state, job_id, reporter, resources)
         return _run_claimed(state, job_id, reporter)
 
 
@@ -117,11 +132,14 @@ def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
         recipe = recipe_for(ctx.method.type, ctx)
         recipe.setup()
         result = recipe.train()
-        if result.status == "paused":
+        if result.status == "paused" and reporter.is_main:
             with session_scope(state.sessions) as session:
-                JobRunRepository(session, job_id).mark_paused(result.step or 0)
-            reporter.event(f"Job paused at step {result.step}; resume continues from this checkpoint")
-        if result.status == "succeeded":
+                repo = JobRunRepository(session, job_id)
+                repo.mark_paused()
+                step = repo.job().step
+            reporter.event(f"Job paused at step {step}; resume continues from this checkpoint",
+                           data={"step": step})
+        if result.status == "succeeded" and reporter.is_main:
             name = fine_tuned_model_name(ctx)
             reporter.event(f"New fine-tuned model created: {name}", data={"fine_tuned_model": name})
             reporter.event("The job has successfully completed", data=result.summary)
@@ -144,4 +162,4 @@ def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-__all__ = ["app", "train", "run_job", "make_engine", "make_session_factory"]
+__all__ = ["app", "train", "run_job", "serve_worker_metrics", "make_engine", "make_session_factory"]

@@ -17,12 +17,19 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from service.jobs.spec import CommonHyperparameters
 from workers.checkpointing import store_dir_archive
 from workers.context import JobContext
+from workers.distributed import is_main_process
+from workers.resume import write_state
 
 
 def make_accelerator(hp: CommonHyperparameters) -> Accelerator:
+    """``step_scheduler_with_optimizer=False``: recipes plan their steps on *global* batches (each rank
+    takes a slice of every batch, see ``workers.data.length_bucketed_batches``), so under N processes the
+    schedule must advance once per optimizer step, not N times as accelerate does by default for
+    per-process dataloaders."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return Accelerator(mixed_precision="bf16" if bf16 else "no",
-                       gradient_accumulation_steps=hp.gradient_accumulation_steps)
+                       gradient_accumulation_steps=hp.gradient_accumulation_steps,
+                       step_scheduler_with_optimizer=False)
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,11 @@ def make_optimizer(params: list[nn.Parameter], hp: CommonHyperparameters,
 
 def save_model_archive(ctx: JobContext, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
                        key: str) -> str:
-    """An adapter directory (LoRA) or full safetensors weights, archived to the object store."""
+    """An adapter directory (LoRA) or full safetensors weights, archived to the object store.
+
+    Under ``accelerate launch`` (DDP: every rank holds the same weights) only rank 0 writes."""
+    if not is_main_process():
+        return key
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
         out = Path(tmp) / "model"
         if isinstance(model, PeftModel):
@@ -60,6 +71,8 @@ def save_model_archive(ctx: JobContext, model: nn.Module, tokenizer: PreTrainedT
             model.save_pretrained(str(out), safe_serialization=True)  # type: ignore[operator]
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(out))
+        if ctx.training_state is not None:
+            write_state(out, ctx.training_state)
         store_dir_archive(ctx.store, out, key)
         shutil.rmtree(out, ignore_errors=True)
     return key

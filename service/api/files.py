@@ -14,8 +14,11 @@ from litestar.response import Stream
 
 from service.api.deps import app_state, org_repo
 from service.auth import Principal
+from service.db.repositories import OrgRepository
 from service.errors import APIError
-from service.files import create_file, present_file, upload_hash
+from service.files import create_file, ensure_analysis, present_file, upload_hash
+from service.idempotency import run_idempotent
+from service.jobs.service import validate_model
 from service.storage import ObjectNotFound
 
 
@@ -42,20 +45,17 @@ class FilesController(Controller):
         if not isinstance(data.file, UploadFile):
             raise APIError(400, "'file' must be a file part", code="invalid_request", param="file")
         stream = data.file.file
-        with org_repo(state, principal) as repo:
-            digest = upload_hash(data.file.filename, data.purpose, stream) if idempotency_key else ""
-            if idempotency_key:
-                seen = repo.idempotency("files", idempotency_key)
-                if seen is not None:
-                    if seen.request_hash != digest:
-                        raise APIError(409, "Idempotency-Key was already used with a different request",
-                                       code="idempotency_key_reused", param="Idempotency-Key")
-                    return present_file(repo.get_file(seen.object_id or ""))
-            row = create_file(repo, state.store, state.settings.limits, filename=data.file.filename,
+        digest = upload_hash(data.file.filename, data.purpose, stream) if idempotency_key else ""
+        upload = data.file
+
+        def create(repo: OrgRepository) -> tuple[str, dict[str, Any]]:
+            row = create_file(repo, state.store, state.settings.limits, filename=upload.filename,
                               purpose=data.purpose, stream=stream)
-            if idempotency_key:
-                repo.remember_idempotency("files", idempotency_key, digest, row.id)
-            return present_file(row)
+            return row.id, present_file(row)
+
+        body, _ = run_idempotent(state, principal, "files", idempotency_key, digest, create,
+                                 lambda repo, object_id: present_file(repo.get_file(object_id)))
+        return body
 
     @get("/", sync_to_thread=True, summary="List files")
     def list_files(self, request: Request, principal: Principal,  # type: ignore[type-arg]
@@ -82,6 +82,28 @@ class FilesController(Controller):
         return Stream(chunks, media_type="application/jsonl",
                       headers={"Content-Disposition": f'attachment; filename="{file_id}.jsonl"',
                                "X-Filename": name.encode("ascii", "replace").decode()})
+
+    @get("/{file_id:str}/analysis", sync_to_thread=True, summary="A file's dataset analysis")
+    def analysis(self, request: Request, principal: Principal, file_id: str,  # type: ignore[type-arg]
+                 model: Annotated[str | None, Parameter(max_length=512)] = None) -> dict[str, Any]:
+        """Format, counts, estimated tokens, turns, duplicates, preference biases and a recommended method.
+
+        With ``model``, exact token counts for that base model are asked for; they need the model's
+        tokenizer, which the API process never loads, so the answer is 501 (the estimate is in ``tokens``).
+        """
+        state = app_state(request)
+        with org_repo(state, principal) as repo:
+            row = repo.get_file(file_id)
+            if model is not None:
+                validate_model(repo, state.settings, model)
+                raise APIError(501, f"exact token counts for '{model}' need its tokenizer, which the API "
+                               "process does not load; analysis.tokens holds the estimate (ceil(chars/4) "
+                               "per message)", code="tokenizer_unavailable", param="model")
+            analysis = ensure_analysis(row, state.store, state.settings.limits)
+            if analysis is None:
+                raise APIError(409, f"file '{file_id}' has no valid example to analyse "
+                               f"({row.status_details or row.status})", code="analysis_unavailable")
+            return {"object": "file.analysis", "file_id": row.id, **analysis}
 
     @delete("/{file_id:str}", status_code=200, sync_to_thread=True, summary="Delete a file")
     def remove(self, request: Request, principal: Principal, file_id: str) -> dict[str, Any]:  # type: ignore[type-arg]

@@ -7,13 +7,15 @@ from typing import Annotated, Any
 from litestar import Controller, Request, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
-from sqlalchemy.exc import IntegrityError
 
 from service.api.deps import app_state, org_repo
+from service.db.repositories import OrgRepository
+from service.idempotency import run_idempotent
 from service.auth import Principal
 from service.errors import APIError
-from service.jobs.service import (cancel_job, create_job, pause_job, present_event, present_job, request_hash,
-                                  resume_job)
+from service.jobs.planning import present_estimate
+from service.jobs.service import (cancel_job, check_job, create_job, pause_job, present_event, present_job,
+                                  request_hash, resume_job)
 from service.jobs.spec import JobCreate, to_builtins
 from service.queue import send_train
 from service.state import AppState
@@ -46,33 +48,20 @@ class JobsController(Controller):
     def create(self, request: Request, principal: Principal, data: JobCreate,  # type: ignore[type-arg]
                idempotency_key: IdempotencyHeader = None) -> dict[str, Any]:
         state = app_state(request)
+        if data.dry_run:  # the estimate only: nothing is created, queued or remembered
+            with org_repo(state, principal) as repo:
+                return present_estimate(data, check_job(repo, state.settings, data))
         digest = request_hash(to_builtins(data))
-        try:
-            with org_repo(state, principal) as repo:
-                if idempotency_key:
-                    seen = repo.idempotency("jobs", idempotency_key)
-                    if seen is not None:
-                        return self._replay(repo, seen.request_hash, digest, seen.object_id)
-                job = create_job(repo, state.settings, data)
-                if idempotency_key:
-                    repo.remember_idempotency("jobs", idempotency_key, digest, job.id)
-                body = present_job(job)
-        except IntegrityError:
-            # A concurrent duplicate won the race for this key: answer with its job.
-            with org_repo(state, principal) as repo:
-                seen = repo.idempotency("jobs", idempotency_key or "")
-                if seen is None:
-                    raise
-                return self._replay(repo, seen.request_hash, digest, seen.object_id)
-        send_train(state.celery, state.settings, body["id"])
-        return body
 
-    @staticmethod
-    def _replay(repo: Any, recorded: str, digest: str, object_id: str | None) -> dict[str, Any]:
-        if recorded != digest:
-            raise APIError(409, "Idempotency-Key was already used with a different request body",
-                           code="idempotency_key_reused", param="Idempotency-Key")
-        return present_job(repo.get_job(object_id or ""))
+        def create(repo: OrgRepository) -> tuple[str, dict[str, Any]]:
+            job = create_job(repo, state.settings, data)
+            return job.id, present_job(job)
+
+        body, created = run_idempotent(state, principal, "jobs", idempotency_key, digest, create,
+                                       lambda repo, object_id: present_job(repo.get_job(object_id)))
+        if created:
+            send_train(state.celery, state.settings, body["id"], body["resources"]["queue"])
+        return body
 
     @get("/", sync_to_thread=True, summary="List fine-tuning jobs")
     def list_jobs(self, request: Request, principal: Principal,  # type: ignore[type-arg]
@@ -101,7 +90,7 @@ class JobsController(Controller):
         state = app_state(request)
         with org_repo(state, principal) as repo:
             body = present_job(resume_job(repo, repo.get_job(job_id)))
-        send_train(state.celery, state.settings, job_id)
+        send_train(state.celery, state.settings, job_id, body["resources"]["queue"])
         return body
 
     @get("/{job_id:str}/events", sync_to_thread=True, summary="List a job's events")

@@ -10,7 +10,7 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy import false as sql_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -89,6 +89,11 @@ class Job(Base):
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     estimated_finish: Mapped[float | None] = mapped_column(Float, nullable=True)
     adapter_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # placement (migration 0003): what the job asked for, where it was routed, who runs it
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class JobEvent(Base):

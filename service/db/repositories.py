@@ -187,9 +187,9 @@ class JobRunRepository:
         self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
                              .values(heartbeat_at=now()))
 
-    def mark_paused(self, step: int) -> None:
+    def mark_paused(self) -> None:
         self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
-                             .values(status="paused", pause_requested=False, step=step))
+                             .values(status="paused", pause_requested=False))
 
     def drop_series_after(self, step: int) -> None:
         """Resuming from step N: points and checkpoints of steps after N were never made durable."""

@@ -14,6 +14,7 @@ from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.limits import check_job_limits
 from service.jobs.chaining import validate_ppo
+from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
 from service.model_registry import is_base_model
 from service.settings import Settings
@@ -57,6 +58,28 @@ def validate_file(repo: OrgRepository, file_id: str, param: str, method_type: st
 
 def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
     check_job_limits(repo, settings.limits)
+    plan = check_job(repo, settings, spec)
+    job = Job(
+        id=new_id("ftjob"), organization_id=repo.org, model=spec.model, training_file=spec.training_file,
+        validation_file=spec.validation_file, suffix=spec.suffix,
+        seed=spec.seed if spec.seed is not None else random.randrange(2**31),
+        job_metadata=spec.metadata, method=method_dict(spec.method),
+        training_type=to_builtins(spec.training_type), status="validating_files",
+    )
+    apply_plan(job, plan)
+    repo.add(job)
+    repo.add(JobEvent(job_id=job.id, message=f"Validated training file: {spec.training_file}"))
+    repo.add(JobEvent(job_id=job.id, message=plan_message(plan),
+                      data={"estimated_memory_bytes": job.estimated_memory_bytes, "queue": job.queue,
+                            **plan.resources}))
+    job.status = "queued"
+    job.enqueued_at = now()
+    repo.add(JobEvent(job_id=job.id, message="Job queued"))
+    return job
+
+
+def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPlan:
+    """Every rule a job must pass, then its memory estimate and queue (what ``dry_run`` answers with)."""
     method_type = spec.method.type
     if method_type not in IMPLEMENTED_METHODS:
         raise APIError(400, f"method '{method_type}' is not available in this release "
@@ -77,19 +100,7 @@ def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
     validate_file(repo, spec.training_file, "training_file", method_type)
     if spec.validation_file:
         validate_file(repo, spec.validation_file, "validation_file", method_type)
-    job = Job(
-        id=new_id("ftjob"), organization_id=repo.org, model=spec.model, training_file=spec.training_file,
-        validation_file=spec.validation_file, suffix=spec.suffix,
-        seed=spec.seed if spec.seed is not None else random.randrange(2**31),
-        job_metadata=spec.metadata, method=method_dict(spec.method),
-        training_type=to_builtins(spec.training_type), status="validating_files",
-    )
-    repo.add(job)
-    repo.add(JobEvent(job_id=job.id, message=f"Validated training file: {spec.training_file}"))
-    job.status = "queued"
-    job.enqueued_at = now()
-    repo.add(JobEvent(job_id=job.id, message="Job queued"))
-    return job
+    return plan_job(repo, settings, spec)
 
 
 def pause_job(repo: OrgRepository, job: Job) -> Job:
@@ -149,6 +160,8 @@ def present_job(job: Job) -> dict[str, Any]:
         "metadata": job.job_metadata,
         "estimated_finish": int(job.estimated_finish) if job.estimated_finish else None,
         "progress": {"step": job.step, "total_steps": job.total_steps},
+        "estimated_memory_bytes": job.estimated_memory_bytes,
+        "resources": {**(job.resources or {"gpus": 1}), "queue": job.queue},
     }
 
 

@@ -133,6 +133,13 @@ class FullTraining(Struct, tag="full", tag_field="type", forbid_unknown_fields=T
 TrainingType = LoraTraining | FullTraining
 
 
+class Resources(Struct, forbid_unknown_fields=True):
+    """``gpus`` > 1 runs the recipe on that many GPUs of one worker through ``accelerate launch``
+    (DDP; FSDP for a full fine-tune that one GPU cannot hold)."""
+
+    gpus: Annotated[int, Meta(ge=1, le=64)] = 1
+
+
 class JobCreate(Struct, forbid_unknown_fields=True):
     model: Annotated[str, Meta(min_length=1, max_length=512)]
     training_file: Annotated[str, Meta(min_length=1, max_length=64)]
@@ -142,10 +149,13 @@ class JobCreate(Struct, forbid_unknown_fields=True):
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, Annotated[str, Meta(max_length=512)]] | None = None
     training_type: TrainingType = msgspec.field(default_factory=LoraTraining)
+    resources: Resources | None = None
+    #: answer with the estimate (memory, queue, tokens, steps, duration) and create nothing
+    dry_run: bool = False
 
 
 # Methods whose recipes the workers of this release ship; others are refused at creation.
-IMPLEMENTED_METHODS: frozenset[str] = frozenset({"dpo"})
+IMPLEMENTED_METHODS: frozenset[str] = frozenset({"dpo", "supervised", "reward_model", "ppo"})
 
 
 def to_builtins(value: Any) -> Any:

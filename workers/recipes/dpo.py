@@ -2,37 +2,264 @@
 
 Features
 - Reference = the same base with adapters disabled (LoRA): one copy of the weights in memory.
-  Full fine-tunes keep a frozen copy as the reference.
-- Chosen and rejected run in one forward pass; the LM head runs on completion tokens only.
+  Full fine-tunes keep a frozen copy as the reference (none with ``precompute_ref_log_probs``).
+- Chosen and rejected run in one forward pass, and their shared prompt runs once: each pair is one
+  row ``[prompt, chosen completion, rejected completion]`` whose attention mask keeps the two
+  completions apart and whose position ids restart the rejected completion where the prompt ends
+  (the "shared-prompt layout"). Every completion token sees exactly the context it has in its own
+  sequence, so the log-probs equal those of the plain ``[chosen..., rejected...]`` padded batch up to
+  float rounding, for about half the decoder work on typical pairs (no second copy of the prompt,
+  no padding of the short side to the long one). Checked once at setup against the plain layout on
+  two pairs; models it does not suit (flash/flex attention, sliding windows, or a failed check) use
+  the plain layout, with an event saying so.
+- The LM head runs on completion tokens only (the hidden states that predict one).
+- ``precompute_ref_log_probs``: the reference log-probs of every training and validation pair are
+  computed once before the first step (no gradients, the training batches of epoch 1, so step 1 sees
+  bit-identical numbers), stored with the job as ``jobs/<id>/ref_logps.safetensors`` (per pair index,
+  with a fingerprint of the tokenised data, base model and dtype) and reused when the job runs again;
+  steps then run no reference forward at all. An event reports the time it took (or the reuse).
+- No host synchronisation per micro-batch: losses and metrics stay on the device and are converted
+  once per optimizer step (plus the gradient norm in ``workers.loop``).
 - Loss family from ``workers.losses`` (sigmoid DPO, IPO, hinge, robust; RPO's NLL via ``sft_weight``).
-- TRL's metric names; checkpoints every ``checkpoint_every_steps`` and at the end.
+- TRL's metric names; checkpoints every ``checkpoint_every_steps`` and at the end (``workers.loop``).
+  Gradient accumulation weights micro-batches by their share of the step's pairs.
 
 Assumptions
 - Pairs are validated at upload and tokenised through ``workers.data`` (chat template, prompt as the
   shared prefix, completion = the final assistant turn with its end-of-turn token once).
 - At step 1 the LoRA update is zero (B is zero-initialised), so policy == reference and the
   sigmoid loss is exactly ln 2: the first logged loss doubles as a correctness check.
+- The reference pass runs in eval mode (no dropout) under ``torch.no_grad``: a fixed reference, as
+  TRL's (which disables dropout altogether). ``torch.inference_mode`` measured no faster on CPU and
+  would turn buffers some models update during a forward into inference tensors, so it is not used.
+- The causal LM's logits are ``lm_head(last_hidden_state)`` (see ``workers.modeling``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import random
 import time
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from service.jobs.spec import DpoHyperparameters, LoraTraining
+from service.storage import ObjectNotFound
 from workers import data as D
 from workers.base_models import load_tokenizer, resolve_base_model
 from workers.checkpointing import checkpoint_key, final_adapter_key
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.losses import dpo_loss, dpo_metrics, rpo_nll_loss
-from workers.modeling import (SequenceLogps, apply_training_type, load_causal_lm, merge_adapter,
-                              pick_dtype, trainable_parameters)
-from workers.training import grad_norm, make_accelerator, make_optimizer, plan_steps, save_model_archive
+from workers.loop import backward, run_training
+from workers.losses import dpo_loss, rpo_nll_loss, selective_log_softmax
+from workers.modeling import (
+    apply_training_type,
+    causal_lm_of,
+    load_causal_lm,
+    merge_adapter,
+    pick_dtype,
+    trainable_parameters,
+)
+from workers.training import make_accelerator, make_optimizer, plan_steps, save_model_archive
+
+CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
+#: Mean |difference| per completion token allowed between the shared-prompt and the plain layout at
+#: the setup check. Rounding gives ~1e-6 in fp32 and ~1e-2 in bf16; a mask or position the model
+#: ignores gives whole nats.
+LAYOUT_TOLERANCE = 0.05
+_SHARED, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+def ref_logps_key(job_id: str) -> str:
+    return f"jobs/{job_id}/ref_logps.safetensors"
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class PairBatch:
+    """Model inputs for ``B`` pairs plus where to read each completion token's log-prob.
+
+    Sequence ``k`` of the output is chosen ``k`` for ``k < B`` and rejected ``k - B`` after. ``src``
+    indexes ``hidden.flatten(0, 1)`` at the position that predicts token ``targets[i]`` of sequence
+    ``seq[i]``. ``attention_mask`` is ``[rows, T]`` (plain layout, padding mask) or ``[B, 1, T, T]``
+    (shared-prompt layout, True = may attend). ``tokens``: real tokens of both sequences (host int).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor | None
+    src: Tensor
+    targets: Tensor
+    seq: Tensor
+    counts: Tensor
+    tokens: int
+
+    @property
+    def n_pairs(self) -> int:
+        return self.counts.shape[0] // 2
+
+    def to(self, device: torch.device, mask_dtype: torch.dtype | None = None) -> PairBatch:
+        """On ``device``; a 4D boolean mask becomes additive in ``mask_dtype`` if given (eager attention)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        mask = moved["attention_mask"]
+        if mask_dtype is not None and mask.dim() == 4:
+            moved["attention_mask"] = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(
+                ~mask, torch.finfo(mask_dtype).min)
+        return PairBatch(**moved)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def collate_plain(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch:
+    """``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`` right-padded to one width."""
+    batch = D.collate_pairs(pairs, pad_token_id)
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    targets_mask = loss_mask[:, 1:].bool()
+    rows, cols = targets_mask.nonzero(as_tuple=True)
+    return PairBatch(input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=None,
+                     src=rows * input_ids.shape[1] + cols, targets=input_ids[:, 1:][targets_mask], seq=rows,
+                     counts=targets_mask.sum(dim=1),
+                     tokens=sum(len(p.chosen) + len(p.rejected) for p in pairs))
+
+
+def collate_shared(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch:
+    """One row per pair: the common prefix of chosen and rejected once, then each side's remainder.
+
+    The prefix is the longest run of identical leading tokens (the prompt, and any identical start of
+    the two completions): each token's hidden state depends only on the tokens before it, so it is
+    the same in both sequences. Positions of the rejected remainder restart where the prefix ends, and
+    the mask lets it see the prefix and itself, never the chosen remainder.
+    """
+    n = len(pairs)
+    layouts = []
+    for pair in pairs:
+        chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+        shared = _common_prefix(chosen, rejected)
+        layouts.append((shared, chosen + rejected[shared:],
+                        list(range(len(chosen))) + list(range(shared, len(rejected)))))
+    width = max(len(ids) for _, ids, _ in layouts)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), _PAD, dtype=torch.long)
+    src: list[int] = []
+    targets: list[int] = []
+    seq: list[int] = []
+    counts = [0] * (2 * n)
+    for row, (pair, (shared, ids, positions)) in enumerate(zip(pairs, layouts, strict=True)):
+        n_chosen = len(pair.chosen)
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        position_ids[row, :len(ids)] = torch.tensor(positions, dtype=torch.long)
+        segment[row, shared:n_chosen] = _CHOSEN
+        segment[row, n_chosen:len(ids)] = _REJECTED
+        segment[row, :shared] = _SHARED
+        base = row * width
+        for side, sequence, offset in ((0, pair.chosen, 0), (1, pair.rejected, n_chosen - shared)):
+            out = side * n + row
+            for t in range(1, len(sequence)):
+                if sequence.loss_mask[t]:
+                    before = t - 1  # the position whose hidden state predicts token t
+                    src.append(base + (before if before < shared else before + offset))
+                    targets.append(sequence.input_ids[t])
+                    seq.append(out)
+                    counts[out] += 1
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]  # [query, key]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    allowed = causal & ((seg_k == _SHARED) | (seg_k == seg_q)) & (seg_k != _PAD)
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    return PairBatch(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
+                     src=torch.tensor(src, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
+                     seq=torch.tensor(seq, dtype=torch.long), counts=torch.tensor(counts, dtype=torch.long),
+                     tokens=sum(len(p.chosen) + len(p.rejected) for p in pairs))
+
+
+class PairLogps(nn.Module):
+    """``forward(batch) -> (sums [2B], counts [2B])``: completion log-probs of chosen then rejected.
+
+    The decoder runs once over the batch, the LM head on completion positions only. A module so that
+    accelerate/DDP wraps the whole computation (DDP syncs gradients only through the wrapper).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
+        lm = causal_lm_of(self.model)
+        decoder = getattr(lm, lm.base_model_prefix)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).last_hidden_state
+        selected = hidden.flatten(0, 1).index_select(0, batch.src)
+        token_logps = selective_log_softmax(lm.get_output_embeddings()(selected), batch.targets)
+        sums = token_logps.new_zeros(batch.counts.shape[0]).index_add(0, batch.seq, token_logps)
+        return sums, batch.counts
+
+
+def shared_layout_supported(config: Any) -> bool:
+    """Attention that takes a custom 4D mask, and no sliding window that such a mask would override."""
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return False
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class _Tally:
+    """A step's (or an evaluation's) losses and rewards, kept on the device until :meth:`values`."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[Tensor]] = {}
+        self.weighted: dict[str, Tensor] = {}
+
+    def add(self, stats: dict[str, Tensor], weight: float) -> None:
+        for name in ("chosen_rewards", "rejected_rewards", "logps_chosen", "logps_rejected"):
+            self.parts.setdefault(name, []).append(stats[name])
+        for name in ("loss", "nll_loss"):
+            if name in stats:
+                self.weighted[name] = self.weighted.get(name, 0.0) + stats[name] * weight
+
+    def values(self, prefix: str = "") -> dict[str, float]:
+        """TRL's DPO metrics (the definitions of ``workers.losses.dpo_metrics``) over every pair seen,
+        converted to floats in one transfer."""
+        chosen, rejected = (torch.cat(self.parts[k]).float() for k in ("chosen_rewards", "rejected_rewards"))
+        named = {
+            **self.weighted,
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": torch.cat(self.parts["logps_chosen"]).float().mean(),
+            "logps/rejected": torch.cat(self.parts["logps_rejected"]).float().mean(),
+            "rewards/chosen_below_zero": (chosen < 0).float().mean(),
+        }
+        floats = torch.stack([v.float() for v in named.values()]).tolist()
+        return {prefix + k: v for k, v in zip(named, floats, strict=True)}
+
+
+# --------------------------------------------------------------------------- recipe
 
 
 class DPORecipe:
@@ -40,6 +267,8 @@ class DPORecipe:
         self.ctx = ctx
         self.hp: DpoHyperparameters = ctx.hyperparameters  # type: ignore[assignment]
         self.is_lora = isinstance(ctx.training_type, LoraTraining)
+        self.last_eval: dict[str, float] = {}
+        self.stored_ref: dict[str, Tensor] | None = None
 
     # setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -49,16 +278,16 @@ class DPORecipe:
         self.accelerator = make_accelerator(hp)
         base_dir = resolve_base_model(ctx.base_model, ctx.settings)
         self.tokenizer = load_tokenizer(base_dir)
-        dtype = pick_dtype(self.accelerator.device)
-        base = load_causal_lm(base_dir, dtype)
+        self.dtype = pick_dtype(self.accelerator.device)
+        base = load_causal_lm(base_dir, self.dtype)
         for key in ctx.parent_adapter_keys:
             base = merge_adapter(base, ctx.store, key)
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
         self.reference: nn.Module | None = None
-        if not self.is_lora:
-            self.reference = SequenceLogps(copy.deepcopy(base).requires_grad_(False).eval())
+        if not self.is_lora and not hp.precompute_ref_log_probs:
+            self.reference = PairLogps(copy.deepcopy(base).requires_grad_(False).eval())
         self.model = apply_training_type(base, ctx.training_type, ctx.seed)
         self.pairs = self._tokenize(ctx.read_jsonl(ctx.training_file_key), "training_file")
         self.eval_pairs = (self._tokenize(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
@@ -66,15 +295,20 @@ class DPORecipe:
         lengths = [len(p) for p in self.pairs]
         self.batches_by_epoch = [D.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
                                  for epoch in range(hp.n_epochs)]
+        self.eval_batches = D.length_bucketed_batches([len(p) for p in self.eval_pairs], hp.batch_size,
+                                                      seed=0, shuffle=False) if self.eval_pairs else []
         self.plan = plan_steps(len(self.batches_by_epoch[0]), hp)
         self.params = trainable_parameters(self.model)
         optimizer, scheduler = make_optimizer(self.params, hp, self.plan.total_steps)
-        self.policy = SequenceLogps(self.model)
-        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, optimizer, scheduler)
+        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
+            PairLogps(self.model), optimizer, scheduler)
         if self.reference is not None:
             self.reference = self.reference.to(self.accelerator.device)
+        lm = causal_lm_of(self.model)
+        self.mask_dtype = None if lm.config._attn_implementation == "sdpa" else lm.dtype
+        self.shared_layout = self._check_shared_layout(lm)
 
-    def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[Any]:
+    def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[D.TokenizedPair]:
         pairs, truncated = [], 0
         for row in rows:
             tokenized = D.tokenize_preference(D.normalize_preference(row), self.tokenizer, self.hp.max_length)
@@ -83,120 +317,203 @@ class DPORecipe:
             truncated += int(tokenized.truncated)
             pairs.append(tokenized)
         if not pairs:
-            raise JobFailure("invalid_training_file" if param == "training_file" else "invalid_validation_file",
-                             f"{param}: no pair has a trainable completion within max_length={self.hp.max_length}",
-                             param)
+            code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
+            raise JobFailure(code, f"{param}: no pair has a trainable completion within "
+                                   f"max_length={self.hp.max_length}", param)
         if truncated:
             self.ctx.reporter.event(f"{truncated} of {len(rows)} pairs in {param} were truncated to "
                                     f"max_length={self.hp.max_length}", level="warn",
                                     data={"truncated": truncated, "file": param})
         return pairs
 
-    # the loss on one micro-batch -----------------------------------------------------------------
-    def _batch(self, pairs: list[Any]) -> dict[str, torch.Tensor]:
-        batch = D.collate_pairs(pairs, self.tokenizer.pad_token_id)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    def _check_shared_layout(self, lm: Any) -> bool:
+        """Compare both layouts on two pairs; any model the shared one does not suit gets the plain one."""
+        if not shared_layout_supported(lm.config):
+            reason = f"attention {lm.config._attn_implementation!r} or a sliding window"
+        else:
+            pairs = [self.pairs[i] for i in self.batches_by_epoch[0][0][:2]]
+            with torch.no_grad():
+                shared, counts = self._reference_logps(self._collate(pairs, shared=True))
+                plain, _ = self._reference_logps(self._collate(pairs, shared=False))
+            error = float(((shared - plain).abs() / counts.clamp(min=1)).max())
+            if error <= LAYOUT_TOLERANCE:
+                return True
+            reason = f"a per-token difference of {error:.3g} from the plain layout"
+        self.ctx.reporter.event(f"Shared-prompt batching is off for this model ({reason}); chosen and "
+                                "rejected are padded to one width instead", level="warn")
+        return False
 
-    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference is not None:
-                logps, _ = self.reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            else:
-                with self.accelerator.unwrap_model(self.policy).model.disable_adapter():
-                    logps, _ = self.policy(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        return logps.detach()
+    # one micro-batch -----------------------------------------------------------------------------
+    def _collate(self, pairs: list[D.TokenizedPair], shared: bool | None = None) -> PairBatch:
+        shared = self.shared_layout if shared is None else shared
+        batch = (collate_shared if shared else collate_plain)(pairs, self.tokenizer.pad_token_id)
+        return batch.to(self.accelerator.device, self.mask_dtype)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _reference_logps(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
+        """The reference's ``(sums, counts)``: no gradients, no autograd graph, eval mode (no dropout)."""
+        # Without a frozen copy: LoRA with adapters disabled, or (full, precompute) the policy before step 1.
+        module: nn.Module = (self.reference if self.reference is not None
+                             else self.accelerator.unwrap_model(self.policy))
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                if self.is_lora:
+                    with module.model.disable_adapter():  # type: ignore[operator,union-attr]
+                        return module(batch)  # type: ignore[no-any-return]
+                return module(batch)  # type: ignore[no-any-return]
+        finally:
+            module.train(was_training)
+
+    def _loss(self, batch: PairBatch, ref: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss with gradients and the pair statistics, detached, on the device (no host sync)."""
         hp = self.hp
-        half = batch["input_ids"].shape[0] // 2
-        ref = self._reference_logps(batch)
-        logps, counts = self.policy(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        half = batch.n_pairs
+        if ref is None:
+            ref, _ = self._reference_logps(batch)
+        logps, counts = self.policy(batch)
         out = dpo_loss(logps[:half], logps[half:], ref[:half], ref[half:], beta=hp.beta,
                        loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
                        chosen_token_counts=counts[:half], rejected_token_counts=counts[half:])
         loss = out.losses.mean()
-        metrics = dpo_metrics(out, logps[:half].detach(), logps[half:].detach())
+        stats = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+                 "logps_chosen": logps[:half].detach(), "logps_rejected": logps[half:].detach()}
         if hp.sft_weight > 0:
             nll = rpo_nll_loss(logps[:half], counts[:half])
             loss = loss + hp.sft_weight * nll
-            metrics["nll_loss"] = float(nll.detach())
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+            stats["nll_loss"] = nll.detach()
+        stats["loss"] = loss.detach()
+        return loss, stats
+
+    def _stored(self, split: str, indices: list[int]) -> Tensor | None:
+        """Precomputed reference log-probs of these pairs as ``[chosen..., rejected...]``."""
+        if self.stored_ref is None:
+            return None
+        rows = self.stored_ref[split][torch.tensor(indices, device=self.stored_ref[split].device)]
+        return torch.cat([rows[:, 0], rows[:, 1]])
+
+    def _step(self, group: list[list[int]]) -> tuple[dict[str, float], int]:
+        """Forward/backward every micro-batch of one optimizer step; one host transfer at the end."""
+        total = sum(len(indices) for indices in group)
+        tally, tokens = _Tally(), 0
+        for position, indices in enumerate(group):
+            weight = len(indices) / total
+            batch = self._collate([self.pairs[i] for i in indices])
+            sync = position == len(group) - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy):
+                loss, stats = self._loss(batch, self._stored("train", indices))
+                backward(self.accelerator, loss * weight)
+            tally.add(stats, weight)
+            tokens += batch.tokens
+        return tally.values(), tokens
+
+    # reference log-probs, once -------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(repr((self.ctx.base_model, self.ctx.parent_adapter_keys, str(self.dtype))).encode())
+        for split in (self.pairs, self.eval_pairs):
+            digest.update(b"|split|")
+            for pair in split:
+                for side in (pair.chosen, pair.rejected):
+                    digest.update(repr((side.input_ids, side.loss_mask)).encode())
+        return digest.hexdigest()
+
+    def _splits(self) -> list[tuple[str, list[D.TokenizedPair], list[list[int]]]]:
+        splits = [("train", self.pairs, self.batches_by_epoch[0])]
+        if self.eval_pairs:
+            splits.append(("validation", self.eval_pairs, self.eval_batches))
+        return splits
+
+    def _load_reference(self, key: str, fingerprint: str) -> dict[str, Tensor] | None:
+        path = Path(self.ctx.workdir) / "ref_logps.safetensors"
+        try:
+            self.ctx.store.download_file(key, path)
+        except (ObjectNotFound, FileNotFoundError):
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                    return None
+                stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open API
+        finally:
+            path.unlink(missing_ok=True)
+        sizes = {split: len(pairs) for split, pairs, _ in self._splits()}
+        if set(stored) != set(sizes) or any(stored[s].shape != (n, 2) for s, n in sizes.items()):
+            return None
+        return stored
+
+    def precompute_reference(self) -> dict[str, Tensor] | None:
+        """Reference log-probs of every pair, loaded from the job's store or computed and stored.
+
+        Returns None when the job was cancelled meanwhile.
+        """
+        ctx = self.ctx
+        key, fingerprint = ref_logps_key(ctx.job_id), self._fingerprint()
+        began = time.perf_counter()
+        stored = self._load_reference(key, fingerprint)
+        counts = {split: len(pairs) for split, pairs, _ in self._splits()}
+        if stored is not None:
+            ctx.reporter.event(f"Reusing the precomputed reference log-probs of {counts['train']} training "
+                               f"pairs from {key}", data={"key": key, "reused": True, **counts})
+        else:
+            stored = {}
+            for split, pairs, batches in self._splits():
+                values = torch.empty(len(pairs), 2)
+                for indices in batches:
+                    if ctx.reporter.should_stop():
+                        return None
+                    sums, _ = self._reference_logps(self._collate([pairs[i] for i in indices]))
+                    values[indices] = torch.stack(sums.float().cpu().chunk(2), dim=1)
+                stored[split] = values
+            if self.accelerator.is_main_process:
+                path = Path(ctx.workdir) / "ref_logps.safetensors"
+                save_file(stored, str(path), metadata={"fingerprint": fingerprint, **{
+                    f"{s}_pairs": str(n) for s, n in counts.items()}})
+                ctx.store.put_file(key, path)
+                path.unlink(missing_ok=True)
+            seconds = time.perf_counter() - began
+            shown = ", ".join(f"{n} {s}" for s, n in counts.items())
+            ctx.reporter.event(f"Precomputed reference log-probs of {shown} pairs in {seconds:.1f}s",
+                               data={"key": key, "reused": False, "seconds": seconds, **counts})
+        return {split: values.to(self.accelerator.device) for split, values in stored.items()}
 
     # train ---------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         ctx, hp, plan = self.ctx, self.hp, self.plan
-        reporter = ctx.reporter
-        reporter.event(f"Fine-tuning started: DPO ({hp.loss_type}, beta={hp.beta}) on {ctx.model}, "
-                       f"{len(self.pairs)} pairs, {plan.total_steps} steps",
-                       data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
-        reporter.progress(step=0, total_steps=plan.total_steps)
-        step, tokens = 0, 0
-        last: dict[str, float] = {}
-        self.policy.train()
-        for epoch in range(hp.n_epochs):
-            batches = self.batches_by_epoch[epoch]
-            for start in range(0, len(batches), hp.gradient_accumulation_steps):
-                if step >= plan.total_steps:
-                    break
-                if reporter.should_stop():
-                    reporter.event("Training stopped: the job was cancelled", level="warn")
-                    return TrainResult("cancelled", tokens, last)
-                began = time.perf_counter()
-                group = batches[start:start + hp.gradient_accumulation_steps]
-                accumulated: dict[str, float] = {}
-                step_tokens = 0
-                for indices in group:
-                    batch = self._batch([self.pairs[i] for i in indices])
-                    step_tokens += int(batch["attention_mask"].sum())
-                    loss, metrics = self._loss(batch)
-                    self.accelerator.backward(loss / len(group))
-                    for k, v in metrics.items():
-                        accumulated[k] = accumulated.get(k, 0.0) + v / len(group)
-                if not torch.isfinite(torch.tensor(accumulated["loss"])):
-                    raise JobFailure("nan_loss", f"loss became {accumulated['loss']} at step {step + 1}")
-                self.accelerator.clip_grad_norm_(self.params, hp.max_grad_norm)
-                accumulated["grad_norm"] = grad_norm(self.params)
-                accumulated["learning_rate"] = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += step_tokens
-                elapsed = time.perf_counter() - began
-                accumulated["num_tokens"] = float(tokens)
-                accumulated["tokens_per_second"] = step_tokens / max(elapsed, 1e-9)
-                accumulated["epoch"] = epoch + (start + len(group)) / len(batches)
-                reporter.step(step, plan.total_steps, accumulated, trained_tokens=tokens)
-                last = accumulated
-                if self.eval_pairs and hp.eval_every_steps and step % hp.eval_every_steps == 0:
-                    self.evaluate(step)
-                if hp.checkpoint_every_steps and step % hp.checkpoint_every_steps == 0 and step < plan.total_steps:
-                    self.save_checkpoint(step, last)
-        if self.eval_pairs:
-            self.evaluate(step)
-        self.save_checkpoint(step, last)
+        ctx.reporter.event(f"Fine-tuning started: DPO ({hp.loss_type}, beta={hp.beta}) on {ctx.model}, "
+                           f"{len(self.pairs)} pairs, {plan.total_steps} steps",
+                           data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
+        if hp.precompute_ref_log_probs:
+            self.stored_ref = self.precompute_reference()
+            if self.stored_ref is None:
+                ctx.reporter.event("Training stopped: the job was cancelled", level="warn")
+                return TrainResult("cancelled", 0, {})
+        result = run_training(ctx=ctx, hp=hp, accelerator=self.accelerator, model=self.policy,
+                              optimizer=self.optimizer, scheduler=self.scheduler, params=self.params,
+                              batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
+                              step_fn=self._step, save_checkpoint=self.save_checkpoint,
+                              evaluate=self.evaluate if self.eval_pairs else None)
+        if result.status != "succeeded":
+            return TrainResult(result.status, result.tokens, result.metrics)
         key = save_model_archive(ctx, self.accelerator.unwrap_model(self.policy).model, self.tokenizer,
                                  final_adapter_key(ctx.job_id))
-        return TrainResult("succeeded", tokens, last, adapter_key=key)
+        return TrainResult("succeeded", result.tokens, result.metrics, adapter_key=key,
+                           summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
     def evaluate(self, step: int) -> dict[str, float]:
         self.policy.eval()
-        totals: dict[str, float] = {}
-        n = 0
+        tally = _Tally()
         with torch.no_grad():
-            for indices in D.length_bucketed_batches([len(p) for p in self.eval_pairs], self.hp.batch_size,
-                                                     seed=0, shuffle=False):
-                batch = self._batch([self.eval_pairs[i] for i in indices])
-                _, metrics = self._loss(batch)
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + v * len(indices)
-                n += len(indices)
+            for indices in self.eval_batches:
+                batch = self._collate([self.eval_pairs[i] for i in indices])
+                _, stats = self._loss(batch, self._stored("validation", indices))
+                tally.add(stats, len(indices) / len(self.eval_pairs))
         self.policy.train()
-        result = {f"eval/{k}": v / n for k, v in totals.items()}
+        result = tally.values(prefix="eval/")
+        self.last_eval = result
         self.ctx.reporter.metrics_only(step, result)
         self.ctx.reporter.event(f"Eval at step {step}: loss={result['eval/loss']:.4f}, "
-                                f"accuracy={result['eval/rewards/accuracies']:.3f}", type="metrics",
+                                f"accuracy={result['eval/rewards/accuracies']:.3f}",
                                 data={"step": step, **result})
         return result
 
@@ -206,12 +523,11 @@ class DPORecipe:
         self.ctx.reporter.checkpoint(step, {k: v for k, v in metrics.items() if k in CHECKPOINT_METRICS}, key)
 
     def cleanup(self) -> None:
-        self.accelerator.free_memory()
-        for name in ("policy", "model", "reference", "optimizer"):
+        if hasattr(self, "accelerator"):
+            self.accelerator.free_memory()
+        for name in ("policy", "model", "reference", "optimizer", "scheduler", "stored_ref"):
             if hasattr(self, name):
                 delattr(self, name)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-
-CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")

@@ -1,0 +1,529 @@
+"""``alignd files …`` and ``alignd jobs …``: the API from the command line, over HTTP only.
+
+Reads ``ALIGND_BASE_URL`` (default ``http://127.0.0.1:8000``) and ``ALIGND_API_KEY`` (or
+``--base-url`` / ``--api-key``). Built on :mod:`service.client`. API errors print
+``error: <message> (param: <field>)`` on stderr and exit 1, never a traceback.
+
+``jobs follow`` exits with the job's outcome: 0 succeeded, 1 failed, 2 cancelled (130 on Ctrl-C,
+which stops following, not the job). In a terminal it redraws one progress line; otherwise (a log,
+a pipe) it prints one line per change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from service.client import TERMINAL, AligndError, Client
+
+METHODS = ("dpo", "supervised", "reward_model", "ppo")
+EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2}
+BAR_WIDTH = 24
+
+
+class UsageError(Exception):
+    """A mistake on the command line (not the API's): printed as ``error: …``, exit 1."""
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    key = args.api_key or os.environ.get("ALIGND_API_KEY")
+    if not key:
+        raise UsageError("no API key: set ALIGND_API_KEY (or pass --api-key); `alignd keys create --org ORG` "
+                         "makes one")
+    return Client(args.base_url or os.environ.get("ALIGND_BASE_URL"), key, timeout=args.timeout)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ts: float | int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _value(text: str) -> Any:
+    """``-H key=value``: a JSON literal when it parses (numbers, true, null), otherwise the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def _analysis_lines(analysis: dict[str, Any] | None) -> list[str]:
+    if not analysis:
+        return []
+    tokens = analysis.get("tokens") or {}
+    lines = [f"  {analysis.get('examples')} examples, ~{tokens.get('total')} tokens "
+             f"(~{tokens.get('mean_per_example')} per example, estimated), "
+             f"{analysis['duplicate_prompts']['count']} duplicate prompts"]
+    pref = analysis.get("preference")
+    if pref:
+        lines.append(f"  chosen longer in {pref['chosen_longer_share']:.0%} of pairs, mean length ratio "
+                     f"{pref['mean_length_ratio']:.2f}, identical prefix "
+                     f"{pref['identical_prefix_share']:.0%}, "
+                     f"{pref['near_duplicate_pairs']} near-duplicate pairs")
+    rec = analysis.get("recommendation") or {}
+    if rec.get("method"):
+        lines.append(f"  recommended method: {rec['method']}")
+    lines.extend(f"    - {reason}" for reason in rec.get("reasons", []))
+    lines.extend(f"  warning: {warning}" for warning in rec.get("warnings", []))
+    return lines
+
+
+def _show_file(f: dict[str, Any]) -> None:
+    print(f"{f['id']}  {f['status']}  {f.get('format') or '-'}  {f.get('examples', 0)} examples  "
+          f"{f['bytes']} bytes  {f['filename']}")
+    if f.get("status_details"):
+        print(f["status_details"])
+    for line in _analysis_lines(f.get("analysis")):
+        print(line)
+
+
+def cmd_files_upload(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    f = _client(args).upload_file(path)
+    if args.json:
+        _print_json(f)
+    else:
+        _show_file(f)
+    return 0 if f["status"] == "processed" else 1
+
+
+def cmd_files_list(args: argparse.Namespace) -> int:
+    files = _client(args).list_files()
+    if args.json:
+        _print_json(files)
+        return 0
+    _table([[f["id"], f["status"], f.get("format") or "-", str(f.get("examples", 0)), str(f["bytes"]),
+             _when(f["created_at"]), f["filename"]] for f in files],
+           ["ID", "STATUS", "FORMAT", "EXAMPLES", "BYTES", "CREATED", "FILENAME"])
+    return 0
+
+
+def cmd_files_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.model:
+        _print_json(client.file_analysis(args.file_id, args.model))
+        return 0
+    f = client.file(args.file_id)
+    if args.json:
+        _print_json(f)
+    else:
+        _show_file(f)
+    return 0
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+
+
+def job_body(args: argparse.Namespace, upload: Callable[[Path], str] | None = None) -> dict[str, Any]:
+    """The create-job request from ``--json FILE`` and/or the flags (flags win over the file)."""
+    body: dict[str, Any] = {}
+    if args.json_file:
+        source = sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
+        try:
+            body = json.loads(source)
+        except ValueError as exc:
+            raise UsageError(f"--json {args.json_file}: not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise UsageError(f"--json {args.json_file}: expected a JSON object")
+    flags = (("model", args.model), ("training_file", args.training_file),
+             ("validation_file", args.validation_file), ("suffix", args.suffix), ("seed", args.seed))
+    for key, value in flags:
+        if value is not None:
+            body[key] = value
+    for key in ("training_file", "validation_file"):
+        value = body.get(key)
+        if upload is not None and isinstance(value, str) and not value.startswith("file-") \
+                and Path(value).is_file():
+            body[key] = upload(Path(value))
+    if args.metadata:
+        body["metadata"] = {**(body.get("metadata") or {}), **_pairs(args.metadata, "--metadata")}
+    method = dict(body.get("method") or {})
+    method_type = args.method or method.get("type")
+    if not method_type:
+        raise UsageError("--method is required (dpo, supervised, reward_model or ppo)")
+    method["type"] = method_type
+    hyper: dict[str, Any] = {}
+    if args.hyperparameters:
+        try:
+            hyper = json.loads(args.hyperparameters)
+        except ValueError as exc:
+            raise UsageError(f"--hyperparameters: not JSON ({exc})") from None
+        if not isinstance(hyper, dict):
+            raise UsageError("--hyperparameters: expected a JSON object")
+    hyper.update({k: _value(v) for k, v in _pairs(args.hyper, "-H").items()})
+    if hyper or method_type not in method:
+        block = dict(method.get(method_type) or {})
+        block["hyperparameters"] = {**(block.get("hyperparameters") or {}), **hyper}
+        method[method_type] = block
+    body["method"] = method
+    if args.full:
+        body["training_type"] = {"type": "full"}
+    else:
+        given = (("r", args.lora_r), ("alpha", args.lora_alpha), ("dropout", args.lora_dropout))
+        lora = {k: v for k, v in given if v is not None}
+        if args.target_modules:
+            lora["target_modules"] = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+        if lora:
+            base = body.get("training_type") or {}
+            kept = base if base.get("type", "lora") == "lora" else {}
+            body["training_type"] = {**kept, "type": "lora", **lora}
+    required = (("--model", "model"), ("--training-file", "training_file"))
+    missing = [flag for flag, key in required if key not in body]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} required (or give them in --json FILE)")
+    return body
+
+
+def _show_job(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    total = progress.get("total_steps")
+    rows = [
+        ("id", job["id"]), ("status", job["status"]), ("model", job["model"]),
+        ("method", (job.get("method") or {}).get("type")), ("training_file", job["training_file"]),
+        ("validation_file", job.get("validation_file") or "-"),
+        ("progress", f"{progress.get('step', 0)}/{total if total else '?'}"),
+        ("created", _when(job["created_at"])), ("finished", _when(job.get("finished_at"))),
+        ("estimated_finish", _when(job.get("estimated_finish"))),
+        ("fine_tuned_model", job.get("fine_tuned_model") or "-"),
+        ("trained_tokens", job.get("trained_tokens") if job.get("trained_tokens") is not None else "-"),
+        ("hyperparameters", json.dumps(job.get("hyperparameters") or {}, sort_keys=True)),
+        ("training_type", json.dumps(job.get("training_type") or {}, sort_keys=True)),
+    ]
+    if job.get("error"):
+        error = job["error"]
+        param = f" (param: {error['param']})" if error.get("param") else ""
+        rows.append(("error", f"{error.get('code')}: {error.get('message')}{param}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def cmd_jobs_create(args: argparse.Namespace) -> int:
+    client = _client(args)
+
+    def upload(path: Path) -> str:
+        f = client.upload_file(path)
+        print(f"uploaded {path} as {f['id']} ({f['status']})", file=sys.stderr)
+        if f["status"] != "processed":
+            raise UsageError(f"{path} is not a valid dataset:\n{f.get('status_details')}")
+        return str(f["id"])
+
+    job = client.create_job(job_body(args, upload), idempotency_key=args.idempotency_key)
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"{job['id']}  {job['status']}  {job['model']}  {job['method']['type']}")
+    if args.follow:
+        return follow(client, job["id"], poll=args.poll)
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    jobs = _client(args).list_jobs(limit=args.limit)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    rows = []
+    for j in jobs:
+        p = j.get("progress") or {}
+        rows.append([j["id"], j["status"], (j.get("method") or {}).get("type", "-"), j["model"],
+                     f"{p.get('step', 0)}/{p.get('total_steps') or '?'}", _when(j["created_at"]),
+                     j.get("fine_tuned_model") or "-"])
+    _table(rows, ["ID", "STATUS", "METHOD", "MODEL", "STEP", "CREATED", "FINE-TUNED MODEL"])
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job_id)
+    if args.json:
+        _print_json(job)
+    else:
+        _show_job(job)
+    return 0
+
+
+def _action(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        job = _client(args).job_action(args.job_id, name)
+        if args.json:
+            _print_json(job)
+        else:
+            print(f"{job['id']}  {job['status']}")
+        return 0
+    return run
+
+
+def cmd_jobs_download(args: argparse.Namespace) -> int:
+    client = _client(args)
+    checkpoint = None
+    if args.checkpoint:
+        checkpoints = client.checkpoints(args.job_id)
+        matches = [c for c in checkpoints if args.checkpoint in (c["id"], str(c["step_number"]))]
+        if not matches:
+            steps = ", ".join(str(c["step_number"]) for c in checkpoints) or "none"
+            raise UsageError(f"job {args.job_id} has no checkpoint {args.checkpoint!r} (steps: {steps})")
+        checkpoint = matches[0]
+    default = f"{args.job_id}-step-{checkpoint['step_number']}" if checkpoint else f"{args.job_id}-adapter"
+    target = Path(args.output or default)
+    client.download_adapter(args.job_id, target, checkpoint["id"] if checkpoint else None)
+    files = sorted(p.name for p in target.iterdir())
+    print(f"{target}  ({', '.join(files)})")
+    return 0
+
+
+# --- follow -----------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One progress line: bar, step/total, ETA (from ``estimated_finish``), loss and margin or KL."""
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out, self.tty = out, tty
+        self.metrics: dict[str, float] = {}
+        self.metrics_step = 0
+        self.shown_key: tuple[Any, ...] | None = None
+        self.drawn = False
+
+    def observe(self, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event.get("type") == "metrics":
+            self.metrics.update({k: v for k, v in data.items() if isinstance(v, int | float)})
+            self.metrics_step = max(self.metrics_step, int(data.get("step") or 0))
+
+    def line(self, job: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+        progress = job.get("progress") or {}
+        # Events are read before the job, so the metrics may be a step ahead of the job's progress.
+        step, total = max(int(progress.get("step") or 0), self.metrics_step), progress.get("total_steps")
+        filled = int(BAR_WIDTH * step / total) if total else 0
+        parts = [f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}]", f"{step}/{total or '?'}"]
+        if total:
+            parts.append(f"{100 * step / total:3.0f}%")
+        eta = job.get("estimated_finish")
+        if eta and job["status"] == "running":
+            parts.append(f"ETA {_duration(eta - time.time())}")
+        loss = self.metrics.get("loss")
+        extra: tuple[str, float] | None = None
+        for name, label in (("rewards/margins", "margin"), ("objective/kl", "kl")):
+            if name in self.metrics:
+                extra = (label, self.metrics[name])
+                break
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if extra is not None:
+            parts.append(f"{extra[0]} {extra[1]:.4f}")
+        parts.append(job["status"])
+        key = (job["status"], step, total, loss, extra)
+        return key, "  ".join(parts)
+
+    def draw(self, job: dict[str, Any]) -> None:
+        key, text = self.line(job)
+        if self.tty:
+            self.out.write("\r\x1b[K" + text)
+            self.drawn = True
+        elif key != self.shown_key:
+            self.out.write(text + "\n")
+        self.shown_key = key
+        self.out.flush()
+
+    def message(self, text: str) -> None:
+        if self.tty and self.drawn:
+            self.out.write("\r\x1b[K")
+            self.drawn = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.drawn:
+            self.out.write("\n")
+            self.drawn = False
+        self.out.flush()
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    level = event.get("level", "info")
+    mark = "·" if level == "info" else f"[{level}]"
+    return f"{time.strftime('%H:%M:%S', time.localtime(event['created_at']))} {mark} {event['message']}"
+
+
+def follow(client: Client, job_id: str, *, poll: float = 1.0, out: TextIO | None = None,
+           tty: bool | None = None) -> int:
+    """Print progress and events until the job ends; returns 0 succeeded, 1 failed, 2 cancelled."""
+    out = out or sys.stdout
+    progress = Progress(out, out.isatty() if tty is None else tty)
+    job: dict[str, Any] = {"status": "queued"}
+    try:
+        for job, events in client.follow(job_id, poll=poll):
+            for event in events:
+                progress.observe(event)
+                if event.get("type") != "metrics":
+                    progress.message(_event_line(event))
+            if job["status"] not in TERMINAL:
+                progress.draw(job)
+    except KeyboardInterrupt:
+        progress.finish()
+        print(f"stopped following {job_id} (the job goes on: alignd jobs follow {job_id})", file=sys.stderr)
+        return 130
+    progress.draw(job)
+    progress.finish()
+    status = job["status"]
+    if status == "succeeded":
+        print(f"job {job_id} succeeded: {job.get('fine_tuned_model')}", file=out)
+    elif status == "failed":
+        error = job.get("error") or {}
+        param = f" (param: {error['param']})" if error.get("param") else ""
+        print(f"job {job_id} failed: {error.get('code')}: {error.get('message')}{param}", file=out)
+    else:
+        print(f"job {job_id} {status}", file=out)
+    out.flush()
+    return EXIT_CODES.get(status, 1)
+
+
+def cmd_jobs_follow(args: argparse.Namespace) -> int:
+    return follow(_client(args), args.job_id, poll=args.poll)
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+
+def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """API and usage errors as one line on stderr and exit 1; never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except AligndError as exc:
+            param = f" (param: {exc.param})" if exc.param else ""
+            print(f"error: {exc.message}{param}", file=sys.stderr)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        except httpx.HTTPError as exc:
+            base = args.base_url or os.environ.get("ALIGND_BASE_URL", "http://127.0.0.1:8000")
+            print(f"error: cannot reach alignd at {base}: {exc}", file=sys.stderr)
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _common(parser: argparse.ArgumentParser, json_flag: str = "--json") -> None:
+    parser.add_argument("--base-url", help="API root (default: $ALIGND_BASE_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default: $ALIGND_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=120, help="HTTP timeout in seconds")
+    parser.add_argument(json_flag, dest="json", action="store_true",
+                        help="print the API's JSON instead of a summary")
+
+
+def add_client_commands(subparsers: Any) -> None:
+    """Add ``files`` and ``jobs`` to ``alignd``'s parser; each sets ``client_handler``."""
+    files = subparsers.add_parser("files", help="upload and list datasets (HTTP client)")
+    fsub = files.add_subparsers(dest="files_command", required=True)
+    p = fsub.add_parser("upload", help="upload a JSONL dataset; prints its validation and analysis")
+    p.add_argument("path")
+    _common(p)
+    p.set_defaults(client_handler=_run(cmd_files_upload))
+    p = fsub.add_parser("list", help="list files")
+    _common(p)
+    p.set_defaults(client_handler=_run(cmd_files_list))
+    p = fsub.add_parser("show", help="a file with its dataset analysis")
+    p.add_argument("file_id")
+    p.add_argument("--model", help="ask for exact token counts for this base model")
+    _common(p)
+    p.set_defaults(client_handler=_run(cmd_files_show))
+
+    jobs = subparsers.add_parser("jobs", help="create, follow and manage fine-tuning jobs (HTTP client)")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    c = jsub.add_parser("create", help="create a fine-tuning job",
+                        description="Flags override the same fields of --json FILE. A --training-file that "
+                                    "is a local path is uploaded first.")
+    c.add_argument("--model")
+    c.add_argument("--training-file")
+    c.add_argument("--method", choices=METHODS)
+    c.add_argument("--validation-file")
+    c.add_argument("--suffix")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--hyperparameters", help="JSON object of the method's hyperparameters")
+    c.add_argument("-H", "--hyper", action="append", metavar="KEY=VALUE",
+                   help="one hyperparameter (repeatable); VALUE is parsed as JSON when it can be")
+    c.add_argument("--lora-r", type=int)
+    c.add_argument("--lora-alpha", type=float)
+    c.add_argument("--lora-dropout", type=float)
+    c.add_argument("--target-modules", help="comma-separated LoRA target modules")
+    c.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    c.add_argument("--metadata", action="append", metavar="KEY=VALUE")
+    c.add_argument("--json", dest="json_file", metavar="FILE",
+                   help="the request body as JSON ('-' for stdin)")
+    c.add_argument("--idempotency-key")
+    c.add_argument("--follow", action="store_true", help="follow the job after creating it")
+    c.add_argument("--poll", type=float, default=1.0)
+    _common(c, json_flag="--print-json")
+    c.set_defaults(client_handler=_run(cmd_jobs_create))
+    p = jsub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    _common(p)
+    p.set_defaults(client_handler=_run(cmd_jobs_list))
+    for name, handler, help_text in (
+        ("show", cmd_jobs_show, "a job's status, progress and settings"),
+        ("cancel", _action("cancel"), "cancel a job"),
+        ("pause", _action("pause"), "pause a running job (it keeps its latest checkpoint)"),
+        ("resume", _action("resume"), "resume a paused job"),
+    ):
+        p = jsub.add_parser(name, help=help_text)
+        p.add_argument("job_id")
+        _common(p)
+        p.set_defaults(client_handler=_run(handler))
+    p = jsub.add_parser("follow", help="live progress and events until the job ends (exit 0 succeeded, "
+                                       "1 failed, 2 cancelled)")
+    p.add_argument("job_id")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls")
+    _common(p)
+    p.set_defaults(client_handler=_run(cmd_jobs_follow))
+    p = jsub.add_parser("download", help="download and extract the adapter directory")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", help="directory (default: ./<job id>-adapter)")
+    p.add_argument("--checkpoint", help="a checkpoint id or step number instead of the final adapter")
+    _common(p)
+    p.set_defaults(client_handler=_run(cmd_jobs_download))

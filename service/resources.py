@@ -1,0 +1,355 @@
+"""Resource planning without torch: how much memory a job needs, and which queue's workers can hold it.
+
+The estimate is arithmetic on the base model's ``config.json`` (shipped for the built-ins in
+``service/model_configs/``; read from the model's directory for ``ALIGND_MODELS`` entries) and the
+job's spec. It is the memory of **one device** (a GPU, or the host for a CPU worker) and follows
+what the recipes actually do:
+
+* **Weights** are loaded in bf16 on a GPU (``workers.modeling.pick_dtype``): 2 bytes a parameter
+  a copy. Copies by method (``METHOD_COPIES``):
+
+  ====================  =====  =====  ==============================================================
+  method                LoRA   full   roles
+  ====================  =====  =====  ==============================================================
+  supervised            1      1      policy
+  reward_model          1      1      policy (+ a score head)
+  dpo                   1      2      policy; the reference is the base with the adapter disabled
+                                      (LoRA) or a frozen copy (full)
+  ppo                   3      4      policy + reference (shared under LoRA), value model
+                                      (trainable, initialised from the reward model), reward model
+                                      (frozen; sized from its own base when known)
+  ====================  =====  =====  ==============================================================
+
+* **Trainable state.** LoRA adapters are kept in fp32 by peft (``autocast_adapter_dtype``): weight
+  4 + gradient 4 + AdamW's two moments 8 = 16 bytes per adapter parameter. A full fine-tune trains
+  the bf16 weights in place: gradient 2 + AdamW moments 2×2 (torch keeps them in the parameter's
+  dtype) = 6 bytes per parameter beyond the copy. ``AMP_FP32_MASTER`` is the usual mixed-precision
+  layout instead (fp32 master 4 + fp32 gradient 4 + fp32 moments 8 = 16 bytes beyond the copy),
+  for comparison and for recipes that adopt it.
+* **Activations** kept for the backward pass, bf16, per token and layer of the micro-batch:
+  attention ``2·(5h + 2·kv·d)`` (norm in/out, q/k/v, SDPA output, o_proj input; no ``s²`` term with
+  SDPA) and gated MLP ``4h + 8i`` (norm in/out, gate, up, act, product). With gradient
+  checkpointing only each layer's input (``2h``) is kept, plus one layer recomputed. A micro-batch
+  is ``batch_size`` sequences (SFT), ``2·batch_size`` (DPO and reward models: chosen and rejected
+  in one forward) or PPO's ``mini_batch_size`` through both the policy and the value model, each
+  of ``max_length`` tokens (or less when the file's analysis shows shorter examples). Under N-GPU
+  data parallelism each device takes ``ceil(batch / N)``.
+* **Logits** only on completion tokens (``SequenceLogps``; taken as half the tokens): bf16 logits
+  + fp32 log-softmax + fp32 gradient = 10 bytes × vocabulary per token. Reward models score one
+  position and have none.
+* **PPO rollouts** add a KV cache of ``rollout_batch_size × max_length`` tokens.
+* **Overhead**: 1 GiB for the CUDA context and allocator fragmentation.
+
+Multi-GPU: DDP (the default) replicates all of the above on every device, with the batch split.
+FSDP (``FULL_SHARD``, chosen for full fine-tunes that DDP cannot fit) divides weights, gradients
+and optimizer state by N and keeps activations per device.
+
+Routing: ``ALIGND_QUEUES`` lists queues with the memory of one device of their workers and how many
+devices a worker has. A job goes to the smallest queue that holds its per-device estimate and its
+device count; if none does it is refused (``insufficient_resources``) with what it needs and what
+the largest queue offers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.settings import QueueSpec, Settings
+
+GiB = 1 << 30
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+OVERHEAD_BYTES = 1 * GiB
+BF16 = 2
+LOGIT_BYTES_PER_VOCAB = 10  # bf16 logits + fp32 log-softmax + fp32 gradient
+COMPLETION_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter: a frozen or trained copy's weights, a full fine-tune's extra state, LoRA's."""
+
+    name: str
+    weight: int = BF16
+    full_trainable_extra: int = 6   # grad 2 + AdamW m, v in bf16 (2 + 2)
+    adapter: int = 16               # fp32 weight 4 + grad 4 + m 4 + v 4
+
+
+RECIPE_PRECISION = Precision("recipe: bf16 weights, AdamW state in the parameter dtype, fp32 LoRA")
+AMP_FP32_MASTER = Precision("amp: bf16 copy + fp32 master, fp32 grad and fp32 AdamW state",
+                            full_trainable_extra=16)
+
+#: (LoRA copies, full copies, trainable models) per method; see the module docstring.
+METHOD_COPIES: dict[str, tuple[int, int, int]] = {
+    "supervised": (1, 1, 1),
+    "reward_model": (1, 1, 1),
+    "dpo": (1, 2, 1),
+    "ppo": (3, 4, 2),
+}
+_NON_GATED = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "gpt_bigcode"})
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    gated_mlp: bool = True
+    attention_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        def first(*names: str, default: Any = None) -> Any:
+            for name in names:
+                if config.get(name) is not None:
+                    return config[name]
+            if default is None:
+                raise ModelConfigError(f"config.json has none of {', '.join(names)}")
+            return default
+
+        hidden = int(first("hidden_size", "n_embd", "d_model"))
+        heads = int(first("num_attention_heads", "n_head"))
+        return cls(
+            hidden_size=hidden,
+            num_layers=int(first("num_hidden_layers", "n_layer")),
+            num_heads=heads,
+            num_kv_heads=int(first("num_key_value_heads", default=heads)),
+            head_dim=int(first("head_dim", default=hidden // heads)),
+            intermediate_size=int(first("intermediate_size", "n_inner", default=4 * hidden)),
+            vocab_size=int(first("vocab_size")),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            gated_mlp=str(config.get("model_type", "llama")) not in _NON_GATED,
+            attention_bias=bool(config.get("attention_bias", False)),
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer, by its usual module name."""
+        h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
+        shapes = {"q_proj": (h, self.num_heads * d), "k_proj": (h, self.num_kv_heads * d),
+                  "v_proj": (h, self.num_kv_heads * d), "o_proj": (self.num_heads * d, h),
+                  "up_proj": (h, i), "down_proj": (i, h)}
+        if self.gated_mlp:
+            shapes["gate_proj"] = (h, i)
+        return shapes
+
+    def layer_parameters(self) -> int:
+        weights = sum(a * b for a, b in self.linear_shapes().values())
+        biases = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        return weights + biases + 2 * self.hidden_size  # two RMSNorms
+
+    def embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+
+    def parameters(self) -> int:
+        return self.num_layers * self.layer_parameters() + self.embedding_parameters() + self.hidden_size
+
+    def lora_parameters(self, r: int, target_modules: Sequence[str]) -> int:
+        """``r·(in + out)`` per targeted linear layer, over all layers (plus the head/embeddings if named)."""
+        shapes = self.linear_shapes()
+        total = sum(r * sum(shapes[m]) for m in target_modules if m in shapes) * self.num_layers
+        if "lm_head" in target_modules:
+            total += r * (self.hidden_size + self.vocab_size)
+        if "embed_tokens" in target_modules:
+            total += r * (self.hidden_size + self.vocab_size)
+        return total
+
+    def activation_bytes_per_token_layer(self) -> int:
+        h, kv_d, i = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size
+        attention = BF16 * (5 * h + 2 * kv_d)
+        mlp = BF16 * (2 * h + (4 if self.gated_mlp else 2) * i)
+        return attention + mlp
+
+    def kv_cache_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * BF16
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What the estimate needs from a job spec (plain values, so tests can build one by hand)."""
+
+    method: str                      # supervised | dpo | reward_model | ppo
+    lora: bool
+    lora_r: int = 16
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    batch_size: int = 8
+    max_length: int = 1024
+    gradient_checkpointing: bool = False
+    # PPO only
+    rollout_batch_size: int = 16
+    mini_batch_size: int = 4
+
+
+@dataclass
+class MemoryEstimate:
+    bytes: int                        # per device
+    devices: int
+    strategy: str                     # single | ddp | fsdp
+    parameters: int
+    trainable_parameters: int
+    model_copies: int
+    sequence_length: int
+    components: dict[str, int] = field(default_factory=dict)
+    precision: str = RECIPE_PRECISION.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _micro_sequences(job: JobShape, devices: int) -> int:
+    if job.method == "ppo":
+        return math.ceil(job.mini_batch_size / devices)
+    per_device = math.ceil(job.batch_size / devices)
+    return 2 * per_device if job.method in ("dpo", "reward_model") else per_device
+
+
+def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strategy: str | None = None,
+                    sequence_length: int | None = None, reward_model: ModelShape | None = None,
+                    precision: Precision = RECIPE_PRECISION) -> MemoryEstimate:
+    """Peak memory of one device for ``job`` on ``model`` (see the module docstring for each term)."""
+    if job.method not in METHOD_COPIES:
+        raise ValueError(f"unknown method {job.method!r}")
+    strategy = strategy or ("single" if devices == 1 else "ddp")
+    shard = devices if strategy == "fsdp" else 1
+    params = model.parameters()
+    lora_copies, full_copies, trainable_models = METHOD_COPIES[job.method]
+    copies = lora_copies if job.lora else full_copies
+    seq = min(job.max_length, sequence_length) if sequence_length else job.max_length
+
+    # weights: the reward model of a PPO job may have its own base
+    copy_bytes = [params * precision.weight] * copies
+    if job.method == "ppo" and reward_model is not None:
+        copy_bytes[-1] = reward_model.parameters() * precision.weight
+    weights = sum(copy_bytes)
+    if job.lora:
+        trainable = model.lora_parameters(job.lora_r, job.lora_target_modules) * trainable_models
+        trainable_state = trainable * precision.adapter
+    else:
+        trainable = params * trainable_models
+        trainable_state = trainable * precision.full_trainable_extra
+    if job.method in ("reward_model", "ppo"):  # score / value heads: hidden → 1, fully trained in fp32
+        trainable += model.hidden_size
+        trainable_state += model.hidden_size * 16
+
+    tokens = _micro_sequences(job, devices) * seq
+    per_layer = model.activation_bytes_per_token_layer()
+    if job.gradient_checkpointing:
+        activations = tokens * (model.num_layers * BF16 * model.hidden_size + per_layer)
+    else:
+        activations = tokens * model.num_layers * per_layer
+    activations *= trainable_models  # PPO backpropagates through the policy and the value model
+    logits = 0 if job.method == "reward_model" else int(tokens * COMPLETION_SHARE) * model.vocab_size * \
+        LOGIT_BYTES_PER_VOCAB
+    components = {"weights": weights // shard, "trainable_state": trainable_state // shard,
+                  "activations": activations, "logits": logits, "overhead": OVERHEAD_BYTES}
+    if job.method == "ppo":
+        rollouts = math.ceil(job.rollout_batch_size / devices)
+        components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token()
+    if strategy == "fsdp":  # one layer gathered in full (and the next prefetched)
+        components["fsdp_gather"] = 2 * model.layer_parameters() * precision.weight
+    return MemoryEstimate(bytes=sum(components.values()), devices=devices, strategy=strategy,
+                          parameters=params, trainable_parameters=trainable, model_copies=copies,
+                          sequence_length=seq, components=components, precision=precision.name)
+
+
+# --------------------------------------------------------------------------- model configs
+
+
+def builtin_config_path(name: str) -> Path | None:
+    path = CONFIG_DIR / f"{name}.json"
+    return path if path.is_file() and path.parent == CONFIG_DIR else None
+
+
+def load_model_config(name: str, settings: Settings) -> dict[str, Any] | None:
+    """The ``config.json`` of a base model name, without torch: the configured directory, the
+    worker's materialised cache, or the config shipped for the built-ins. None when unknown."""
+    candidates: list[Path] = []
+    location = settings.models.get(name)
+    if location and not location.startswith("s3://"):
+        candidates.append(Path(location.removeprefix("file://")).expanduser() / "config.json")
+    elif location is None:
+        shipped = builtin_config_path(name)
+        if shipped is not None:
+            candidates.append(shipped)
+        if "/" not in name and not name.startswith("."):
+            candidates.append(Path(settings.model_cache_dir) / name / "config.json")
+    for path in candidates:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+# --------------------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True)
+class Placement:
+    queue: QueueSpec
+    estimate: MemoryEstimate | None
+
+
+class InsufficientResources(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "unlimited"
+    return f"{n / GiB:.1f} GiB"
+
+
+def _fits(queue: QueueSpec, per_device: int | None, devices: int) -> bool:
+    if queue.devices is not None and queue.devices < devices:
+        return False
+    return queue.capacity_bytes is None or per_device is None or per_device <= queue.capacity_bytes
+
+
+def _size_key(queue: QueueSpec) -> tuple[bool, int, bool, int]:
+    return (queue.capacity_bytes is None, queue.capacity_bytes or 0,
+            queue.devices is None, queue.devices or 0)
+
+
+def place(queues: Sequence[QueueSpec], model: ModelShape | None, job: JobShape, *, devices: int = 1,
+          sequence_length: int | None = None, reward_model: ModelShape | None = None) -> Placement:
+    """The smallest queue that holds the job; DDP first, then FSDP for a full fine-tune on N > 1."""
+    candidates = [q for q in queues if q.devices is None or q.devices >= devices]
+    if not candidates:
+        most = max((q.devices or 0 for q in queues), default=0)
+        raise InsufficientResources(f"the job asks for {devices} GPUs; the largest worker has {most}")
+    if model is None:  # unknown shape: the largest queue, which is the likeliest to hold it
+        return Placement(max(candidates, key=_size_key), None)
+    strategies = ["single"] if devices == 1 else (["ddp", "fsdp"] if not job.lora else ["ddp"])
+    first: MemoryEstimate | None = None
+    for strategy in strategies:
+        estimate = estimate_memory(model, job, devices=devices, strategy=strategy,
+                                   sequence_length=sequence_length, reward_model=reward_model)
+        first = first or estimate
+        fitting = [q for q in candidates if _fits(q, estimate.bytes, devices)]
+        if fitting:
+            return Placement(min(fitting, key=_size_key), estimate)
+    assert first is not None
+    largest = max(candidates, key=_size_key)
+    hint = " (FSDP across the GPUs was considered too)" if "fsdp" in strategies else ""
+    raise InsufficientResources(
+        f"the job needs about {fmt_bytes(first.bytes)} per device ({first.strategy}, "
+        f"{devices} device(s)){hint}; "
+        f"the largest queue, '{largest.name}', has {fmt_bytes(largest.capacity_bytes)} per device. "
+        "Use LoRA, a smaller batch_size or max_length, gradient_checkpointing, or more GPUs.")

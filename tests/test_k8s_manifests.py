@@ -1,0 +1,294 @@
+"""``k8s/``: every manifest validates against the Kubernetes schemas (offline, from kubernetes-validate's
+wheel), the kustomizations resolve, references between objects hold, pods are locked down, and every
+``ALIGND_*`` name the manifests set is one the code reads.
+
+CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ScaledObject) have no schema in that wheel: they get
+structural checks here instead, and the PromQL they carry is checked against a live scrape in
+``test_job_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.settings import parse_bytes, parse_queues
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+K8S_VERSION = "1.37.0"
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+
+
+@dataclass
+class Build:
+    """What ``kustomize build`` would read: resource documents, patches, generated objects."""
+
+    resources: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
+    patches: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
+    generated: list[dict[str, Any]] = field(default_factory=list)
+    kustomizations: list[Path] = field(default_factory=list)
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [doc for _, doc in self.resources] + self.generated
+
+    def find(self, kind: str, name: str) -> dict[str, Any] | None:
+        return next((o for o in self.objects() if o["kind"] == kind and o["metadata"]["name"] == name), None)
+
+    def of_kind(self, *kinds: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects() if o["kind"] in kinds]
+
+
+def _documents(path: Path) -> Iterator[dict[str, Any]]:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc:
+            yield doc
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def load(directory: Path, build: Build | None = None) -> Build:
+    build = build or Build()
+    kfile = directory / "kustomization.yaml"
+    assert kfile.is_file(), f"{directory} has no kustomization.yaml"
+    build.kustomizations.append(kfile)
+    k = yaml.safe_load(kfile.read_text())
+    for entry in k.get("resources", []) + k.get("components", []):
+        target = (directory / entry).resolve()
+        assert target.exists(), f"{kfile}: {entry} does not exist"
+        if target.is_dir():
+            load(target, build)
+        else:
+            build.resources += [(target, doc) for doc in _documents(target)]
+    for patch in k.get("patches", []):
+        if "path" in patch:
+            target = directory / patch["path"]
+            assert target.is_file(), f"{kfile}: patch {patch['path']} does not exist"
+            build.patches += [(target, doc) for doc in _documents(target)]
+        else:
+            build.patches += [(kfile, doc) for doc in yaml.safe_load_all(patch["patch"]) if doc]
+    for generator, kind in (("configMapGenerator", "ConfigMap"), ("secretGenerator", "Secret")):
+        for gen in k.get(generator, []):
+            data: dict[str, str] = {}
+            for name in gen.get("files", []):
+                source = directory / name
+                assert source.is_file(), f"{kfile}: {name} does not exist"
+                data[source.name] = source.read_text()
+            for name in gen.get("envs", []):
+                source = directory / name
+                assert source.is_file(), f"{kfile}: {name} does not exist"
+                data |= _env_file(source)
+            labels = (gen.get("options") or {}).get("labels") or {}
+            obj: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": kind,
+                "metadata": {"name": gen["name"], "labels": labels},
+            }
+            obj["data" if kind == "ConfigMap" else "stringData"] = data
+            build.generated.append(obj)
+    return build
+
+
+@pytest.fixture(scope="module")
+def build() -> Build:
+    return load(K8S / "overlays" / "example", load(K8S / "components" / "external-postgres"))
+
+
+def _pod_specs(build: Build) -> Iterator[tuple[str, dict[str, Any]]]:
+    for obj in build.of_kind(*WORKLOADS):
+        yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
+
+
+def _pod_labels(build: Build) -> list[dict[str, str]]:
+    return [obj["spec"]["template"]["metadata"]["labels"] for obj in build.of_kind(*WORKLOADS)]
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_every_manifest_validates_against_the_kubernetes_schemas(build: Build) -> None:
+    validated = 0
+    for path, doc in build.resources:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(
+                f"{path.relative_to(REPO)} {doc['kind']}/{doc['metadata']['name']}: "
+                f"{exc.message} at {'.'.join(map(str, exc.path))}"
+            ) from None
+        validated += 1
+    for doc in build.generated:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kinds = {doc["kind"] for _, doc in build.resources}
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "StatefulSet",
+        "Job",
+        "ConfigMap",
+        "Namespace",
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ScaledObject",
+    } <= kinds
+    assert validated >= 12
+
+
+def test_patches_and_kustomizations_are_well_formed(build: Build) -> None:
+    for kfile in build.kustomizations:
+        k = yaml.safe_load(kfile.read_text())
+        assert k["apiVersion"].startswith("kustomize.config.k8s.io/") and k["kind"] in (
+            "Kustomization",
+            "Component",
+        )
+    for path, patch in build.patches:
+        kind, name = patch["kind"], patch["metadata"]["name"]
+        assert build.find(kind, name) is not None, (
+            f"{path}: patch targets {kind}/{name}, which no resource defines"
+        )
+
+
+def test_crds_are_structurally_sound(build: Build) -> None:
+    services = build.of_kind("Service")
+    for sm in build.of_kind("ServiceMonitor"):
+        matched = [
+            s for s in services if _matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        assert matched, f"ServiceMonitor {sm['metadata']['name']} selects no Service"
+        ports = {p["name"] for s in matched for p in s["spec"]["ports"]}
+        assert all(e["port"] in ports and e["path"] == "/metrics" for e in sm["spec"]["endpoints"])
+    for pm in build.of_kind("PodMonitor"):
+        selector = pm["spec"]["selector"]["matchLabels"]
+        pods = [
+            spec
+            for (_, spec), labels in zip(_pod_specs(build), _pod_labels(build), strict=True)
+            if _matches(selector, labels)
+        ]
+        assert pods, f"PodMonitor {pm['metadata']['name']} selects no pod"
+        for spec in pods:
+            ports = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+            assert all(e["port"] in ports for e in pm["spec"]["podMetricsEndpoints"])
+    for rule in build.of_kind("PrometheusRule"):
+        alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+        assert {"AligndJobsFailingRepeatedly", "AligndQueueGrowingWithNoRunningJob", "AligndKLExploding"} <= {
+            a["alert"] for a in alerts
+        }
+        for a in alerts:
+            assert a["expr"].count("(") == a["expr"].count(")") and a["labels"]["severity"]
+    for so in build.of_kind("ScaledObject"):
+        assert build.find("Deployment", so["spec"]["scaleTargetRef"]["name"]) is not None
+        assert so["spec"]["triggers"]
+
+
+def test_references_between_objects_hold(build: Build) -> None:
+    names = {(o["kind"], o["metadata"]["name"]) for o in build.objects()}
+    for workload, spec in _pod_specs(build):
+        for c in spec["containers"]:
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names, workload
+                if "secretRef" in source:
+                    assert ("Secret", source["secretRef"]["name"]) in names, workload
+            for env in c.get("env", []):
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    secret = build.find("Secret", ref["name"])
+                    assert secret is not None and ref["key"] in secret["stringData"], (workload, ref)
+        if spec.get("serviceAccountName"):
+            assert ("ServiceAccount", spec["serviceAccountName"]) in names
+    for svc in build.of_kind("Service"):
+        assert any(_matches(svc["spec"]["selector"], labels) for labels in _pod_labels(build)), svc[
+            "metadata"
+        ]["name"]
+    for hpa in build.of_kind("HorizontalPodAutoscaler"):
+        assert ("Deployment", hpa["spec"]["scaleTargetRef"]["name"]) in names
+    dashboard = build.find("ConfigMap", "alignd-grafana-dashboard")
+    assert dashboard is not None and dashboard["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert json.loads(dashboard["data"]["alignd-dashboard.json"])["uid"] == "alignd-overview"
+
+
+def test_pods_are_non_root_with_limits_and_probes(build: Build) -> None:
+    for workload, spec in _pod_specs(build):
+        assert spec["securityContext"]["runAsNonRoot"] is True, workload
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", workload
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], workload
+            assert sc.get("readOnlyRootFilesystem") is True, workload
+            assert {"requests", "limits"} <= c["resources"].keys(), workload
+            assert {"cpu", "memory"} <= c["resources"]["limits"].keys(), workload
+    for obj in build.of_kind("Deployment", "StatefulSet"):
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            assert "livenessProbe" in c, obj["metadata"]["name"]
+    api = build.find("Deployment", "alignd-api")
+    assert api is not None
+    probe = api["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+
+
+def test_gpu_workers_match_the_queues_the_api_routes_to(build: Build) -> None:
+    config = build.find("ConfigMap", "alignd-config")
+    assert config is not None
+    queues = {q.name: q for q in parse_queues(config["data"]["ALIGND_QUEUES"])}
+    workers = [o for o in build.of_kind("Deployment") if o["metadata"]["name"].startswith("alignd-worker-")]
+    assert len(workers) >= 2
+    for w in workers:
+        spec = w["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        queue = queues[env["ALIGND_WORKER_QUEUE"]]  # a queue the API routes jobs to
+        gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert gpus == (queue.devices or 1), (
+            f"{w['metadata']['name']}: {gpus} GPUs, queue says {queue.devices}"
+        )
+        assert env["ALIGND_WORKER_METRICS_PORT"] == str(container["ports"][0]["containerPort"])
+        assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        assert queue.capacity_bytes and queue.capacity_bytes >= parse_bytes("16GiB")  # type: ignore[operator]
+
+
+def _code_literals() -> str:
+    return "\n".join(p.read_text() for d in ("service", "workers") for p in (REPO / d).rglob("*.py"))
+
+
+def test_every_aligned_env_name_in_the_manifests_is_read_by_the_code(build: Build) -> None:
+    used: set[str] = set()
+    for obj in build.objects():
+        text = json.dumps(obj)
+        used |= set(re.findall(r"\bALIGND_[A-Z0-9_]+\b", text))
+    code = _code_literals()
+    unknown = sorted(name for name in used if f'"{name}"' not in code)
+    assert unknown == [], f"the manifests set {unknown}, which nothing in service/ or workers/ reads"
+    assert {
+        "ALIGND_DATABASE_URL",
+        "ALIGND_BROKER_URL",
+        "ALIGND_STORAGE_URL",
+        "ALIGND_QUEUES",
+        "ALIGND_WORKER_QUEUE",
+        "ALIGND_WORKER_METRICS_PORT",
+    } <= used

@@ -1,0 +1,70 @@
+"""Per-token log-probabilities and argmax hits on trained positions only (SFT's loss and accuracy).
+
+The token-level sibling of :class:`workers.modeling.SequenceLogps`: the decoder runs on the whole
+batch, the LM head only on the hidden states that predict a ``loss_mask`` token (see the mask
+convention in :mod:`workers.data`), so the ``[B, T, V]`` logits tensor is never built.
+
+Assumption shared with ``SequenceLogps``: the causal LM's logits are ``lm_head(last_hidden_state)``.
+Models that post-process logits in their own ``forward`` (Gemma-2 soft-capping, Cohere's
+``logit_scale``) would need that step added here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from workers.losses import selective_log_softmax
+from workers.modeling import causal_lm_of
+
+
+class TokenPredictions(NamedTuple):
+    """One entry per trained token of a batch, in row-major order."""
+
+    logps: Tensor    # [N] log p(target), fp32 for half-precision logits; carries gradients
+    correct: Tensor  # [N] bool: argmax of the logits == target
+    rows: Tensor     # [N] the batch row each token belongs to
+
+
+def token_predictions(logits: Tensor, targets: Tensor, rows: Tensor) -> TokenPredictions:
+    """``logits`` ``[N, V]`` at the positions that predict ``targets`` ``[N]``."""
+    logps = selective_log_softmax(logits, targets)
+    correct = logits.detach().argmax(dim=-1) == targets
+    return TokenPredictions(logps, correct, rows)
+
+
+def token_nll(predictions: TokenPredictions) -> tuple[Tensor, dict[str, float]]:
+    """Mean negative log-likelihood over the tokens given, and the share predicted exactly.
+
+    ``loss = -sum(logps) / N``; ``mean_token_accuracy = #(argmax == target) / N`` (TRL's SFT metric).
+    No tokens gives a zero loss (still attached to the graph) and accuracy 0.
+    """
+    n = predictions.logps.numel()
+    loss = -predictions.logps.sum() / max(n, 1)
+    accuracy = float(predictions.correct.float().sum()) / max(n, 1)
+    return loss, {"loss": float(loss.detach()), "mean_token_accuracy": accuracy}
+
+
+class TokenLogps(nn.Module):
+    """``forward(input_ids, attention_mask, loss_mask) -> TokenPredictions`` over ``loss_mask`` targets.
+
+    A module so that accelerate/DDP wraps the whole computation (see ``SequenceLogps``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> TokenPredictions:
+        lm = causal_lm_of(self.model)
+        decoder = getattr(lm, lm.base_model_prefix)
+        head = lm.get_output_embeddings()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets_mask = loss_mask[:, 1:].bool()
+        rows = targets_mask.nonzero(as_tuple=True)[0]
+        targets = input_ids[:, 1:][targets_mask]
+        return token_predictions(head(hidden[:, :-1][targets_mask]), targets, rows)
+
+
+__all__ = ["TokenLogps", "TokenPredictions", "token_nll", "token_predictions"]
