@@ -18,6 +18,8 @@ what the recipes actually do:
   ppo                   3      4      policy + reference (shared under LoRA), value model
                                       (trainable, initialised from the reward model), reward model
                                       (frozen; sized from its own base when known)
+  generate_preferences  2      2      sampling model + judge (no training: no trainable state or
+                                      activations kept)
   ====================  =====  =====  ==============================================================
 
 * **Trainable state.** LoRA adapters are kept in fp32 by peft (``autocast_adapter_dtype``): weight
@@ -89,6 +91,7 @@ METHOD_COPIES: dict[str, tuple[int, int, int]] = {
     "reward_model": (1, 1, 1),
     "dpo": (1, 2, 1),
     "ppo": (3, 4, 2),
+    "generate_preferences": (2, 2, 0),
 }
 _NON_GATED = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "gpt_bigcode"})
 

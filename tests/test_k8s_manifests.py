@@ -292,3 +292,20 @@ def test_every_aligned_env_name_in_the_manifests_is_read_by_the_code(build: Buil
         "ALIGND_WORKER_QUEUE",
         "ALIGND_WORKER_METRICS_PORT",
     } <= used
+
+
+def test_the_migration_job_runs_alignd_migrate(build: Build, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    from service.cli import main
+
+    job = build.find("Job", "alignd-migrate")
+    assert job is not None
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["alignd", "migrate"]
+    monkeypatch.setenv("ALIGND_DATA_DIR", str(tmp_path))  # restored after the test (the CLI sets it)
+    monkeypatch.delenv("ALIGND_DATABASE_URL", raising=False)
+    assert main(["migrate", "--data-dir", str(tmp_path)]) == 0
+    engine = create_engine(f"sqlite:///{tmp_path / 'alignd.db'}")
+    columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
+    assert {"worker", "queue", "resources", "estimated_memory_bytes"} <= columns

@@ -46,7 +46,8 @@ def test_two_gloo_processes_reproduce_the_one_process_loss_curve(live: LiveServi
               .json()["data"]]
     assert "Launching 2 processes (DDP) with accelerate" in events
     assert sum(m.startswith("Step ") for m in events) == 4  # rank 0 only reports
-    assert live.api.client.get(f"/v1/fine_tuning/jobs/{two['id']}/adapter", headers=live.headers).status_code == 200
+    adapter = live.api.client.get(f"/v1/fine_tuning/jobs/{two['id']}/adapter", headers=live.headers)
+    assert adapter.status_code == 200
 
 
 def _group_processes(job_id: str) -> list[psutil.Process]:
@@ -68,7 +69,8 @@ def test_cancel_stops_every_rank(live: LiveService) -> None:
         assert time.time() < deadline, live.log.read_text()[-4000:]
         time.sleep(0.3)
     assert len(_group_processes(job["id"])) >= 3  # the launcher and two ranks
-    assert live.api.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=live.headers).status_code == 200
+    cancel = live.api.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=live.headers)
+    assert cancel.status_code == 200
     cancelled = time.time()
     while _group_processes(job["id"]) and time.time() - cancelled < 60:
         time.sleep(0.5)
@@ -81,10 +83,12 @@ def test_cancel_stops_every_rank(live: LiveService) -> None:
 
 
 def test_combining_rank_metrics() -> None:
-    ranks = [{"loss": 0.5, "num_tokens": 10.0, "tokens_per_second": 100.0, "reward/min": -1.0, "reward/max": 2.0,
-              "memory/host_peak_rss_bytes": 1e9, "memory/gpu_peak_allocated_bytes/cuda:0": 5.0},
-             {"loss": 0.7, "num_tokens": 12.0, "tokens_per_second": 80.0, "reward/min": -3.0, "reward/max": 1.0,
-              "memory/host_peak_rss_bytes": 2e9, "memory/gpu_peak_allocated_bytes/cuda:1": 7.0}]
+    ranks = [{"loss": 0.5, "num_tokens": 10.0, "tokens_per_second": 100.0, "reward/min": -1.0,
+              "reward/max": 2.0, "memory/host_peak_rss_bytes": 1e9,
+              "memory/gpu_peak_allocated_bytes/cuda:0": 5.0},
+             {"loss": 0.7, "num_tokens": 12.0, "tokens_per_second": 80.0, "reward/min": -3.0,
+              "reward/max": 1.0, "memory/host_peak_rss_bytes": 2e9,
+              "memory/gpu_peak_allocated_bytes/cuda:1": 7.0}]
     assert combine_ranks(ranks) == {
         "loss": pytest.approx(0.6), "num_tokens": 22.0, "tokens_per_second": 180.0, "reward/min": -3.0,
         "reward/max": 2.0, "memory/host_peak_rss_bytes": 3e9,

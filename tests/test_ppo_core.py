@@ -7,14 +7,32 @@ import math
 import pytest
 import torch
 
-from workers.ppo_core import (AdaptiveKLController, FixedKLController, NanGuard, apply_missing_eos_penalty,
-                              approx_kl, entropy_from_logits, explained_variance, gae, kl_estimate, kl_k1, kl_k3,
-                              masked_mean, masked_var, masked_whiten, per_token_rewards, policy_loss,
-                              response_mask, reward_hacking, value_loss)
+from workers.ppo_core import (
+    AdaptiveKLController,
+    FixedKLController,
+    NanGuard,
+    apply_missing_eos_penalty,
+    approx_kl,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    response_mask,
+    reward_hacking,
+    value_loss,
+)
 
 
 def close(actual: torch.Tensor, expected: list[list[float]], atol: float) -> None:
-    torch.testing.assert_close(actual.double(), torch.tensor(expected, dtype=torch.float64), atol=atol, rtol=0)
+    expected_tensor = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual.double(), expected_tensor, atol=atol, rtol=0)
 
 
 def t(*rows: list[float] | float) -> torch.Tensor:
@@ -114,7 +132,8 @@ def test_policy_loss_clips_at_both_boundaries() -> None:
     # just inside / just outside each boundary
     near = [1.19, 1.21, 0.81, 0.79]
     out = policy_loss(torch.tensor([[math.log(r) for r in near]], dtype=torch.float64),
-                      torch.zeros(1, 4, dtype=torch.float64), t([1.0, 1.0, -1.0, -1.0]), torch.ones(1, 4), 0.2)
+                      torch.zeros(1, 4, dtype=torch.float64), t([1.0, 1.0, -1.0, -1.0]), torch.ones(1, 4),
+                      cliprange=0.2)
     assert float(out.loss) == pytest.approx((-1.19 - 1.2 + 0.81 + 0.8) / 4, abs=1e-12)
     assert float(out.clipfrac) == 0.5  # 1.21 and 0.79 clipped, 1.19 and 0.81 not
     # masked tokens count for nothing
@@ -139,7 +158,8 @@ def test_value_loss_clips_around_the_rollout_values() -> None:
 
 def test_approx_kl_explained_variance_and_entropy() -> None:
     assert float(approx_kl(t(0.3, -0.2), t(0.3, -0.2), torch.ones(1, 2))) == 0.0
-    assert float(approx_kl(t(math.log(2.0)), t(0.0), torch.ones(1, 1))) == pytest.approx(1 - math.log(2), abs=1e-12)
+    # ratio 2: (2 - 1) - ln 2
+    assert float(approx_kl(t(math.log(2.0)), t(0.0), torch.ones(1, 1))) == pytest.approx(1 - math.log(2))
     returns, mask = t([1.0, 2.0, 3.0, 4.0]), torch.ones(1, 4)
     assert explained_variance(returns, returns, mask) == 1.0
     assert explained_variance(torch.zeros(1, 4, dtype=torch.float64), returns, mask) == pytest.approx(0.0)

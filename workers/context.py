@@ -66,3 +66,5 @@ class TrainResult:
     adapter_key: str | None = None
     summary: dict[str, Any] | None = None
     step: int | None = None
+    # a job whose product is a file (generate_preferences), not a model: the file object's id
+    output_file_id: str | None = None

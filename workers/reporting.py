@@ -30,7 +30,8 @@ HEARTBEAT_INTERVAL = float(os.environ.get("ALIGND_HEARTBEAT_INTERVAL") or 10.0)
 
 # What a one-line step event shows first, whichever method produced the metrics.
 SUMMARY_ORDER = ("loss", "rewards/accuracies", "rewards/margins", "objective/kl", "objective/scores",
-                 "accuracy", "mean_token_accuracy", "grad_norm", "learning_rate")
+                 "accuracy", "mean_token_accuracy", "grad_norm", "learning_rate",
+                 "pairs/kept", "pairs/dropped_margin", "score/mean_gap")
 
 
 class Reporter:

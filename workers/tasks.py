@@ -39,6 +39,7 @@ RECIPES: dict[str, str] = {
     "supervised": "workers.recipes.sft:SFTRecipe",
     "reward_model": "workers.recipes.reward_model:RewardModelRecipe",
     "ppo": "workers.recipes.ppo:PPORecipe",
+    "generate_preferences": "workers.recipes.generate_preferences:GeneratePreferencesRecipe",
 }
 
 
@@ -140,12 +141,17 @@ def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
             reporter.event(f"Job paused at step {step}; resume continues from this checkpoint",
                            data={"step": step})
         if result.status == "succeeded" and reporter.is_main:
-            name = fine_tuned_model_name(ctx)
-            reporter.event(f"New fine-tuned model created: {name}", data={"fine_tuned_model": name})
+            # a job that produced a file (generate_preferences) made no model
+            name = fine_tuned_model_name(ctx) if result.output_file_id is None else None
+            files = [result.output_file_id] if result.output_file_id else None
+            if name:
+                reporter.event(f"New fine-tuned model created: {name}", data={"fine_tuned_model": name})
+            if files:
+                reporter.event(f"Result file created: {files[0]}", data={"result_files": files})
             reporter.event("The job has successfully completed", data=result.summary)
             with session_scope(state.sessions) as session:
                 JobRunRepository(session, job_id).finish("succeeded", fine_tuned_model=name,
-                                                         adapter_key=result.adapter_key)
+                                                         adapter_key=result.adapter_key, result_files=files)
         return result.status
     except JobFailure as failure:
         _fail(reporter, state, job_id, failure.as_error())

@@ -12,7 +12,8 @@ Formats (one JSON object a line; blank lines are ignored):
 - ``preference``: OpenAI's ``{"input": {"messages": [...]}, "preferred_output": [msg],
   "non_preferred_output": [msg]}`` (``openai_preference``) or TRL's ``{"prompt", "chosen",
   "rejected"}`` with strings or message lists, ``prompt`` optional for conversations that share a
-  prefix (``trl_preference``). An optional numeric ``margin`` is allowed.
+  prefix (``trl_preference``). An optional numeric ``margin`` is allowed, and numeric
+  ``chosen_score``/``rejected_score`` (a judge's scores, as ``generate_preferences`` writes them).
 - ``prompts`` (PPO): ``{"messages": [...]}`` ending with a user turn (``messages``) or
   ``{"prompt": str}`` (``prompt``).
 
@@ -55,13 +56,15 @@ class DatasetKind(StrEnum):
     PROMPTS = "prompts"
 
 
+# Per-side judge scores a preference line may keep (``generate_preferences`` writes them).
+_SCORE_KEYS = frozenset({"chosen_score", "rejected_score"})
 # Allowed top-level keys per variant; ``margin`` is the reward-model margin of a preference pair.
 _VARIANT_KEYS: dict[str, frozenset[str]] = {
     "messages": frozenset({"messages"}) | _COMMON_KEYS,
     "prompt_completion": frozenset({"prompt", "completion"}) | _COMMON_KEYS,
     "prompt": frozenset({"prompt"}) | _COMMON_KEYS,
-    "openai_preference": _OPENAI_PREFERENCE_KEYS | {"margin"} | _COMMON_KEYS,
-    "trl_preference": _TRL_PREFERENCE_KEYS | {"prompt", "margin"} | _COMMON_KEYS,
+    "openai_preference": _OPENAI_PREFERENCE_KEYS | {"margin"} | _SCORE_KEYS | _COMMON_KEYS,
+    "trl_preference": _TRL_PREFERENCE_KEYS | {"prompt", "margin"} | _SCORE_KEYS | _COMMON_KEYS,
 }
 
 _METHOD_KINDS: dict[str, frozenset[DatasetKind]] = {
@@ -69,6 +72,7 @@ _METHOD_KINDS: dict[str, frozenset[DatasetKind]] = {
     "dpo": frozenset({DatasetKind.PREFERENCE}),
     "reward_model": frozenset({DatasetKind.PREFERENCE}),
     "ppo": frozenset({DatasetKind.PROMPTS}),
+    "generate_preferences": frozenset({DatasetKind.PROMPTS}),
 }
 
 
@@ -257,10 +261,11 @@ def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _check_margin(example: dict[str, Any]) -> None:
-    if "margin" in example:
-        margin = example["margin"]
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
-            _fail("wrong_type", f"margin: expected a number, got {_short(margin)}")
+    for name in ("margin", *sorted(_SCORE_KEYS)):
+        if name in example:
+            value = example[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                _fail("wrong_type", f"{name}: expected a number, got {_short(value)}")
 
 
 def _check_common(example: dict[str, Any]) -> None:

@@ -94,6 +94,8 @@ class Job(Base):
     queue: Mapped[str | None] = mapped_column(String(64), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
     estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # migration 0004: ids of the file objects a job produced (generate_preferences: its preference file)
+    result_files: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobEvent(Base):

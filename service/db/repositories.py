@@ -205,12 +205,15 @@ class JobRunRepository:
         return bool(self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
 
     def finish(self, status: str, *, error: dict[str, Any] | None = None,
-               fine_tuned_model: str | None = None, adapter_key: str | None = None) -> None:
+               fine_tuned_model: str | None = None, adapter_key: str | None = None,
+               result_files: list[str] | None = None) -> None:
         values: dict[str, Any] = {"status": status, "finished_at": now(), "error": error}
         if fine_tuned_model is not None:
             values["fine_tuned_model"] = fine_tuned_model
         if adapter_key is not None:
             values["adapter_key"] = adapter_key
+        if result_files is not None:
+            values["result_files"] = result_files
         # Conditional: a job cancelled while its last step ran stays cancelled.
         self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(**values))
 

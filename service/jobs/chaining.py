@@ -1,6 +1,6 @@
-"""Rules for jobs that name other jobs' models: a PPO job's ``reward_model``.
+"""Rules for jobs that name other jobs' models: a PPO job's ``reward_model``, a generation job's ``judge``.
 
-A PPO job names the ``fine_tuned_model`` of a reward-model job of the same organization that has
+Both name the ``fine_tuned_model`` of a reward-model job of the same organization that has
 succeeded. Each way of getting that wrong has its own code, all on the same ``param``; another
 organization's model answers exactly like one that does not exist.
 """
@@ -10,15 +10,17 @@ from __future__ import annotations
 from service.db.models import Job
 from service.db.repositories import OrgRepository
 from service.errors import APIError
-from service.jobs.spec import JobCreate, LoraTraining, PpoHyperparameters
+from service.jobs.spec import GeneratePreferencesHyperparameters, JobCreate, LoraTraining, PpoHyperparameters
 from service.model_registry import is_base_model
 from service.settings import Settings
 
 REWARD_MODEL_PARAM = "method.ppo.hyperparameters.reward_model"
+GENERATION_PARAM = "method.generate_preferences.hyperparameters"
+JUDGE_PARAM = f"{GENERATION_PARAM}.judge"
 
 
-def _error(message: str, code: str) -> APIError:
-    return APIError(400, message, code=code, param=REWARD_MODEL_PARAM)
+def _error(message: str, code: str, param: str = REWARD_MODEL_PARAM) -> APIError:
+    return APIError(400, message, code=code, param=param)
 
 
 def _job_named(repo: OrgRepository, name: str) -> Job | None:
@@ -54,16 +56,50 @@ def validate_ppo(repo: OrgRepository, settings: Settings, spec: JobCreate) -> No
     if not name:
         raise _error("a PPO job needs method.ppo.hyperparameters.reward_model: the fine_tuned_model of a "
                      "succeeded reward_model job", "reward_model_required")
+    check_reward_model(repo, settings, name, field="reward_model", param=REWARD_MODEL_PARAM)
+
+
+def check_reward_model(repo: OrgRepository, settings: Settings, name: str, *, field: str, param: str) -> None:
+    """``name`` is the fine_tuned_model of a succeeded reward_model job of this organization."""
     if is_base_model(name, settings):
-        raise _error(f"reward_model '{name}' is a base model; name the fine_tuned_model of a reward_model job",
-                     "reward_model_not_a_reward_model")
+        raise _error(f"{field} '{name}' is a base model; name the fine_tuned_model of a reward_model "
+                     "job", "reward_model_not_a_reward_model", param)
     job = _job_named(repo, name)
     if job is None:
-        raise _error(f"reward_model '{name}' is not one of your fine-tuned models", "reward_model_not_found")
+        raise _error(f"{field} '{name}' is not one of your fine-tuned models", "reward_model_not_found",
+                     param)
     method_type = (job.method or {}).get("type")
     if method_type != "reward_model":
-        raise _error(f"reward_model '{name}' comes from a '{method_type}' job ({job.id}), not a reward_model job",
-                     "reward_model_not_a_reward_model")
+        raise _error(f"{field} '{name}' comes from a '{method_type}' job ({job.id}), not a "
+                     "reward_model job", "reward_model_not_a_reward_model", param)
     if job.status != "succeeded":
-        raise _error(f"reward_model '{name}' comes from job {job.id}, which is {job.status}; it must have "
-                     "succeeded", "reward_model_not_ready")
+        raise _error(f"{field} '{name}' comes from job {job.id}, which is {job.status}; it must have "
+                     "succeeded", "reward_model_not_ready", param)
+
+
+def validate_generate_preferences(repo: OrgRepository, settings: Settings, spec: JobCreate) -> None:
+    """A judge (a succeeded reward model of this organization), a constitution, or both; one process."""
+    hp = spec.method.hyperparameters()
+    assert isinstance(hp, GeneratePreferencesHyperparameters)
+    if hp.judge is None and hp.constitution is None:
+        raise _error("a generate_preferences job needs method.generate_preferences.hyperparameters.judge "
+                     "(the fine_tuned_model of a succeeded reward_model job) or .constitution (a list of "
+                     "principles), or both", "judge_or_constitution_required", JUDGE_PARAM)
+    if hp.constitution is not None and not hp.constitution:
+        raise _error("constitution must list at least one principle", "invalid_request",
+                     f"{GENERATION_PARAM}.constitution")
+    if hp.constitution is not None and any(not principle.strip() for principle in hp.constitution):
+        raise _error("constitution principles must not be blank", "invalid_request",
+                     f"{GENERATION_PARAM}.constitution")
+    if hp.judge is not None:
+        if not hp.judge:
+            raise _error("judge must name the fine_tuned_model of a succeeded reward_model job",
+                         "judge_or_constitution_required", JUDGE_PARAM)
+        check_reward_model(repo, settings, hp.judge, field="judge", param=JUDGE_PARAM)
+    if hp.max_length <= hp.max_new_tokens:
+        raise _error(f"max_length ({hp.max_length}) must exceed max_new_tokens ({hp.max_new_tokens}): "
+                     "prompts get max_length - max_new_tokens tokens", "invalid_request",
+                     f"{GENERATION_PARAM}.max_length")
+    if spec.resources is not None and spec.resources.gpus > 1:
+        raise _error("generate_preferences runs on one device; resources.gpus must be 1", "invalid_request",
+                     "resources.gpus")

@@ -13,7 +13,7 @@ from service.db.models import Job, JobEvent, new_id, now
 from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.limits import check_job_limits
-from service.jobs.chaining import validate_ppo
+from service.jobs.chaining import validate_generate_preferences, validate_ppo
 from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
 from service.model_registry import is_base_model
@@ -85,7 +85,7 @@ def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPl
         raise APIError(400, f"method '{method_type}' is not available in this release "
                        f"(available: {', '.join(sorted(IMPLEMENTED_METHODS))})",
                        code="unsupported_method", param="method.type")
-    other = [name for name in ("supervised", "dpo", "reward_model", "ppo")
+    other = [name for name in ("supervised", "dpo", "reward_model", "ppo", "generate_preferences")
              if name != method_type and getattr(spec.method, name) is not None]
     if other:
         raise APIError(400, f"method.{other[0]} given but method.type is '{method_type}'",
@@ -97,6 +97,8 @@ def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPl
     validate_model(repo, settings, spec.model)
     if method_type == "ppo":
         validate_ppo(repo, settings, spec)
+    if method_type == "generate_preferences":
+        validate_generate_preferences(repo, settings, spec)
     validate_file(repo, spec.training_file, "training_file", method_type)
     if spec.validation_file:
         validate_file(repo, spec.validation_file, "validation_file", method_type)
@@ -162,6 +164,8 @@ def present_job(job: Job) -> dict[str, Any]:
         "progress": {"step": job.step, "total_steps": job.total_steps},
         "estimated_memory_bytes": job.estimated_memory_bytes,
         "resources": {**(job.resources or {"gpus": 1}), "queue": job.queue},
+        # files a job produced (generate_preferences: its preference file), as OpenAI's jobs list them
+        "result_files": list(job.result_files or []),
     }
 
 

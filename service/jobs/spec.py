@@ -67,6 +67,24 @@ class PpoHyperparameters(CommonHyperparameters, kw_only=True):
     missing_eos_penalty: float | None = None
 
 
+class GeneratePreferencesHyperparameters(CommonHyperparameters, kw_only=True):
+    """Preference-data generation (no training): ``k`` samples per prompt of the job's ``model``, paired
+    by a reward-model ``judge`` (best over worst) or by constitutional self-critique (``constitution``:
+    the model's revision over its original answer), or both (the judge must prefer the revision).
+
+    ``batch_size`` is prompts per generation batch; prompts keep their last ``max_length -
+    max_new_tokens`` tokens. The training-only fields inherited from the common set are not used."""
+
+    judge: Annotated[str, Meta(max_length=512)] | None = None
+    constitution: Annotated[list[Annotated[str, Meta(min_length=1, max_length=4000)]],
+                            Meta(max_length=64)] | None = None
+    k: Annotated[int, Meta(ge=2, le=64)] = 4
+    max_new_tokens: Annotated[int, Meta(ge=1, le=8192)] = 128
+    temperature: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    min_margin: Annotated[float, Meta(ge=0.0)] = 0.0
+
+
 class SupervisedMethod(Struct, forbid_unknown_fields=True):
     hyperparameters: SupervisedHyperparameters = msgspec.field(default_factory=SupervisedHyperparameters)
 
@@ -83,7 +101,12 @@ class PpoMethod(Struct, forbid_unknown_fields=True):
     hyperparameters: PpoHyperparameters = msgspec.field(default_factory=PpoHyperparameters)
 
 
-MethodType = Literal["supervised", "dpo", "reward_model", "ppo"]
+class GeneratePreferencesMethod(Struct, forbid_unknown_fields=True):
+    hyperparameters: GeneratePreferencesHyperparameters = msgspec.field(
+        default_factory=GeneratePreferencesHyperparameters)
+
+
+MethodType = Literal["supervised", "dpo", "reward_model", "ppo", "generate_preferences"]
 
 
 class Method(Struct, forbid_unknown_fields=True):
@@ -94,6 +117,7 @@ class Method(Struct, forbid_unknown_fields=True):
     dpo: DpoMethod | None = None
     reward_model: RewardModelMethod | None = None
     ppo: PpoMethod | None = None
+    generate_preferences: GeneratePreferencesMethod | None = None
 
     def hyperparameters(self) -> CommonHyperparameters:
         body = getattr(self, self.type)
@@ -112,6 +136,7 @@ _METHOD_BODIES: dict[str, type[Struct]] = {
     "dpo": DpoMethod,
     "reward_model": RewardModelMethod,
     "ppo": PpoMethod,
+    "generate_preferences": GeneratePreferencesMethod,
 }
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -155,7 +180,8 @@ class JobCreate(Struct, forbid_unknown_fields=True):
 
 
 # Methods whose recipes the workers of this release ship; others are refused at creation.
-IMPLEMENTED_METHODS: frozenset[str] = frozenset({"dpo", "supervised", "reward_model", "ppo"})
+IMPLEMENTED_METHODS: frozenset[str] = frozenset({"dpo", "supervised", "reward_model", "ppo",
+                                                  "generate_preferences"})
 
 
 def to_builtins(value: Any) -> Any:

@@ -94,14 +94,19 @@ HEAD_KEYS = ("score", "classifier")
 
 # --------------------------------------------------------------------------- prompts
 
+Messages = list[dict[str, Any]]
+#: A prompt as messages (for a separately loaded reward model) and as token ids.
+Prompt = tuple[Messages, list[int]]
 
-def normalize_prompt(row: dict[str, Any]) -> list[dict[str, Any]]:
+
+
+def normalize_prompt(row: dict[str, Any]) -> Messages:
     """A prompts-file line as messages, read exactly like a preference example's prompt."""
     value = row["messages"] if "messages" in row else row["prompt"]
     return D.normalize_preference({"prompt": value, "chosen": ".", "rejected": "."}).prompt
 
 
-def prompt_ids(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> list[int]:
+def prompt_ids(messages: Messages, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> list[int]:
     """Chat template + assistant header (as ``workers.data`` renders a prompt), left-truncated."""
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
@@ -135,10 +140,11 @@ class SharedBase(nn.Module):
         super().__init__()
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
-        missing = [m for m in config.target_modules or [] if not any(n.endswith(m) for n, _ in base.named_modules())]
+        names = [n for n, _ in base.named_modules()]
+        missing = [m for m in config.target_modules or [] if not any(n.endswith(m) for n in names)]
         if missing:
-            raise JobFailure("invalid_training_type", f"training_type.target_modules: {missing} not found in the model",
-                             "training_type.target_modules")
+            raise JobFailure("invalid_training_type", f"training_type.target_modules: {missing} not found in "
+                             "the model", "training_type.target_modules")
         torch.manual_seed(seed)
         self.peft: PeftModel = get_peft_model(base, config, adapter_name=POLICY)
         torch.manual_seed(seed + 1)
@@ -179,7 +185,8 @@ class SharedBase(nn.Module):
     def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         lm = causal_lm_of(self.peft)
         decoder = getattr(lm, lm.base_model_prefix)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask))
         return out.last_hidden_state  # type: ignore[no-any-return]
 
     def lm_head(self) -> nn.Module:
@@ -212,6 +219,18 @@ class SharedBase(nn.Module):
         self.use(POLICY)
 
 
+def response_logps(models: SharedBase, ids: Tensor, attention: Tensor, response: Tensor, temperature: float,
+                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``[b, T]`` of ``response`` (the last ``T`` tokens of ``ids``) under the active adapter
+    (or the reference), from ``logits / temperature`` as sampling used them; and their entropy."""
+    context = ids.shape[1] - response.shape[1]
+    hidden = models.hidden(ids, attention)[:, context - 1:-1]
+    logits = models.lm_head()(hidden).float() / temperature
+    logps = selective_log_softmax(logits, response)
+    entropy = P.entropy_from_logits(logits.detach()) if with_entropy else None
+    return logps, entropy
+
+
 # --------------------------------------------------------------------------- a rollout
 
 
@@ -222,7 +241,7 @@ class Rollout:
     responses: Tensor      # [B, T] generated ids, pad after the first EOS
     mask: Tensor           # [B, T] bool: real response tokens (up to and including EOS)
     has_eos: Tensor        # [B] bool
-    prompts: list[list[dict[str, Any]]]
+    prompts: list[Messages]
     logps: Tensor = field(init=False)       # [B, T] sampling policy's log-probs
     ref_logps: Tensor = field(init=False)   # [B, T]
     values: Tensor = field(init=False)      # [B, T]
@@ -260,15 +279,18 @@ def resolve_reward_model(ctx: JobContext, name: str) -> RewardModelRef:
         org = repo.job().organization_id
         job = repo.parent_by_fine_tuned_model(org, name)
         if job is None or not job.adapter_key or job.status != "succeeded":
-            raise JobFailure("reward_model_not_found", f"reward_model '{name}' is not available", REWARD_MODEL_PARAM)
+            raise JobFailure("reward_model_not_found", f"reward_model '{name}' is not available",
+                             REWARD_MODEL_PARAM)
         if (job.method or {}).get("type") != "reward_model":
-            raise JobFailure("reward_model_not_a_reward_model", f"'{name}' is not a reward model", REWARD_MODEL_PARAM)
+            raise JobFailure("reward_model_not_a_reward_model", f"'{name}' is not a reward model",
+                             REWARD_MODEL_PARAM)
         base, parents = job.model, []
         while base.startswith("ft:"):
             parent = repo.parent_by_fine_tuned_model(org, base)
             if parent is None or not parent.adapter_key:
-                raise JobFailure("reward_model_not_found", f"the base '{base}' of reward_model '{name}' is not "
-                                 "available", REWARD_MODEL_PARAM)
+                raise JobFailure("reward_model_not_found",
+                                 f"the base '{base}' of reward_model '{name}' is not available",
+                                 REWARD_MODEL_PARAM)
             parents.insert(0, parent.adapter_key)
             base = parent.model
         return RewardModelRef(name, job.id, base, parents, job.adapter_key)
@@ -292,7 +314,8 @@ class PPORecipe:
         if not hp.reward_model:
             raise JobFailure("reward_model_required", "a PPO job needs a reward_model", REWARD_MODEL_PARAM)
         if hp.max_length <= hp.max_new_tokens:
-            raise JobFailure("invalid_hyperparameters", f"max_length ({hp.max_length}) must exceed max_new_tokens "
+            raise JobFailure("invalid_hyperparameters",
+                             f"max_length ({hp.max_length}) must exceed max_new_tokens "
                              f"({hp.max_new_tokens}): prompts get max_length - max_new_tokens tokens",
                              "method.ppo.hyperparameters.max_length")
         torch.manual_seed(ctx.seed)
@@ -332,7 +355,7 @@ class PPORecipe:
         self.nan_guard = P.NanGuard(NAN_LIMIT)
         self.sampler = torch.Generator().manual_seed(ctx.seed)
 
-    def _prompts(self, rows: list[dict[str, Any]], param: str) -> list[tuple[list[dict[str, Any]], list[int]]]:
+    def _prompts(self, rows: list[dict[str, Any]], param: str) -> list[Prompt]:
         budget = self.hp.max_length - self.hp.max_new_tokens
         out, truncated = [], 0
         for row in rows:
@@ -341,11 +364,11 @@ class PPORecipe:
             truncated += int(len(ids) > budget)
             out.append((messages, ids[-budget:]))
         if not out:
-            raise JobFailure("invalid_training_file" if param == "training_file" else "invalid_validation_file",
-                             f"{param} holds no prompts", param)
+            code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
+            raise JobFailure(code, f"{param} holds no prompts", param)
         if truncated:
-            self.ctx.reporter.event(f"{truncated} of {len(rows)} prompts in {param} were cut to their last {budget} "
-                                    "tokens (max_length - max_new_tokens)", level="warn",
+            self.ctx.reporter.event(f"{truncated} of {len(rows)} prompts in {param} were cut to their last "
+                                    f"{budget} tokens (max_length - max_new_tokens)", level="warn",
                                     data={"truncated": truncated, "file": param})
         return out
 
@@ -375,8 +398,9 @@ class PPORecipe:
                 self.models.add_reward_adapter(adapter_dir)
                 self.models.to(self.device)
                 self.reward_mode = "adapter"
-                ctx.reporter.event(f"Reward model {ref.name}: loaded as a third LoRA adapter on the shared base "
-                                   "(one copy of the base weights for policy, value, reference and reward)",
+                ctx.reporter.event(f"Reward model {ref.name}: loaded as a third LoRA adapter on the shared "
+                                   "base (one copy of the base weights for policy, value, reference and "
+                                   "reward)",
                                    data={"reward_model": ref.name, "reward_model_mode": "adapter"})
                 return
             except (ValueError, KeyError, RuntimeError) as exc:
@@ -384,8 +408,8 @@ class PPORecipe:
         elif not is_lora:
             reason = "it is a full fine-tune"
         else:
-            reason = f"it was trained on {ref.base_model} with {len(ref.parent_adapter_keys)} parent fine-tune(s), " \
-                     f"a different base from this job's"
+            reason = (f"it was trained on {ref.base_model} with {len(ref.parent_adapter_keys)} parent "
+                      "fine-tune(s), a different base from this job's")
         from workers.recipes.reward_model import load_reward_model
 
         parents = [fetch_adapter(ctx.store, key, directory / f"parent-{i}")
@@ -401,7 +425,7 @@ class PPORecipe:
 
     # rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, batch: Sequence[tuple[list[dict[str, Any]], list[int]]]) -> tuple[Rollout, dict[str, float]]:
+    def rollout(self, batch: Sequence[Prompt]) -> tuple[Rollout, dict[str, float]]:
         models, hp = self.models, self.hp
         models.eval()
         queries, query_mask = left_pad([ids for _, ids in batch], self.tokenizer.pad_token_id)
@@ -438,14 +462,8 @@ class PPORecipe:
 
     def _policy_logps(self, ids: Tensor, attention: Tensor, response: Tensor,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Log-probs ``[b, T]`` of the response tokens under the active adapter (or the reference)."""
-        context = ids.shape[1] - response.shape[1]
         with self.accelerator.autocast():
-            hidden = self.models.hidden(ids, attention)[:, context - 1:-1]
-            logits = self.models.lm_head()(hidden).float() / self.hp.temperature
-        logps = selective_log_softmax(logits, response)
-        entropy = P.entropy_from_logits(logits.detach()) if with_entropy else None
-        return logps, entropy
+            return response_logps(self.models, ids, attention, response, self.hp.temperature, with_entropy)
 
     def _values(self, ids: Tensor, attention: Tensor, response_length: int) -> Tensor:
         self.models.use(VALUE)
@@ -487,7 +505,8 @@ class PPORecipe:
         advantages, returns = P.gae(rewards, r.values, r.mask, hp.gamma, hp.lam)
         if hp.whiten_advantages:
             advantages = P.masked_whiten(advantages, r.mask)
-        return {"kl": kl, "rewards": rewards, "non_score": non_score, "advantages": advantages, "returns": returns}
+        return {"kl": kl, "rewards": rewards, "non_score": non_score, "advantages": advantages,
+                "returns": returns}
 
     # optimisation --------------------------------------------------------------------------------
     def optimize(self, r: Rollout, adv: dict[str, Tensor], step: int) -> dict[str, float]:
@@ -526,7 +545,8 @@ class PPORecipe:
         models.eval()
         return {k: v / count for k, v in totals.items()} if count else {}
 
-    def _micro_loss(self, r: Rollout, adv: dict[str, Tensor], rows: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _micro_loss(self, r: Rollout, adv: dict[str, Tensor],
+                    rows: Tensor) -> tuple[Tensor, dict[str, float]]:
         hp, models = self.hp, self.models
         ids, attention = r.sequences[rows], r.attention_mask[rows]
         response, mask = r.responses[rows], r.mask[rows]
@@ -575,7 +595,7 @@ class PPORecipe:
         }
 
     # train ---------------------------------------------------------------------------------------
-    def _batches(self) -> Iterator[tuple[float, list[tuple[list[dict[str, Any]], list[int]]]]]:
+    def _batches(self) -> Iterator[tuple[float, list[Prompt]]]:
         """(fractional epoch after this batch, prompts), shuffled afresh every epoch."""
         hp = self.hp
         per_epoch = math.ceil(len(self.prompts) / hp.rollout_batch_size)
@@ -583,7 +603,8 @@ class PPORecipe:
             order = list(range(len(self.prompts)))
             random.Random(self.ctx.seed + epoch).shuffle(order)
             for index, start in enumerate(range(0, len(order), hp.rollout_batch_size)):
-                yield epoch + (index + 1) / per_epoch, [self.prompts[i] for i in order[start:start + hp.rollout_batch_size]]
+                chunk = order[start:start + hp.rollout_batch_size]
+                yield epoch + (index + 1) / per_epoch, [self.prompts[i] for i in chunk]
 
     def train(self) -> TrainResult:
         ctx, hp = self.ctx, self.hp
@@ -630,16 +651,19 @@ class PPORecipe:
             last = metrics
             if self.eval_prompts and hp.eval_every_steps and step % hp.eval_every_steps == 0:
                 self.evaluate(step)
-            if hp.checkpoint_every_steps and step % hp.checkpoint_every_steps == 0 and step < self.total_steps:
+            every = hp.checkpoint_every_steps
+            if every and step % every == 0 and step < self.total_steps:
                 self.save_checkpoint(step, last)
         if self.eval_prompts:
             self.evaluate(step)
         self.save_checkpoint(step, last)
         key = self._save_policy(final_adapter_key(ctx.job_id))
         memory = self.memory_report()
-        reporter.event(f"Memory: peak {memory['peak_bytes'] / 2**20:.0f} MiB ({memory['measured']}) = "
-                       f"{memory['peak_over_base']:.2f} x one base copy ({memory['base_copy_bytes'] / 2**20:.0f} MiB); "
-                       f"four separate copies would hold {memory['four_copies_bytes'] / 2**20:.0f} MiB of weights",
+        mib = 2**20
+        reporter.event(f"Memory: peak {memory['peak_bytes'] / mib:.0f} MiB ({memory['measured']}) = "
+                       f"{memory['peak_over_base']:.2f} x one base copy "
+                       f"({memory['base_copy_bytes'] / mib:.0f} MiB); four separate copies would hold "
+                       f"{memory['four_copies_bytes'] / mib:.0f} MiB",
                        data={"memory": memory})
         summary = {"steps": step, "trained_tokens": tokens, "episodes": episodes, "memory": memory,
                    "objective/scores": {"first": history["scores"][0] if history["scores"] else None,
@@ -654,16 +678,19 @@ class PPORecipe:
         reporter, kl = self.ctx.reporter, metrics["objective/kl"]
         above = not math.isfinite(kl) or kl > self.kl_bound
         if above and not alarms["kl"]:
-            what = f"10 x target_kl = {self.kl_bound:g}" if self.hp.target_kl else f"the bound of {self.kl_bound:g}"
+            what = (f"10 x target_kl = {self.kl_bound:g}" if self.hp.target_kl
+                    else f"the bound of {self.kl_bound:g}")
             reporter.event(f"KL to the reference is {kl:.3f} nats per response at step {step}, above {what}: "
-                           "the policy is drifting far from the reference (raise kl_coef or lower the learning rate)",
+                           "the policy is drifting far from the reference (raise kl_coef or lower the "
+                           "learning rate)",
                            level="warn", data={"step": step, "objective/kl": kl, "kl_bound": self.kl_bound})
         alarms["kl"] = above
         hacking = P.reward_hacking(history["scores"], history["kl"], self.kl_bound)
         if hacking and not alarms["hacking"]:
             reporter.event(f"Possible reward hacking at step {step}: the score rose to "
                            f"{metrics['objective/scores']:.3f} while KL exploded to {kl:.3f}", level="warn",
-                           data={"step": step, "objective/scores": metrics["objective/scores"], "objective/kl": kl})
+                           data={"step": step, "objective/scores": metrics["objective/scores"],
+                                 "objective/kl": kl})
         alarms["hacking"] = hacking
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -686,7 +713,7 @@ class PPORecipe:
 
     # saving --------------------------------------------------------------------------------------
     def _save_policy(self, key: str) -> str:
-        """The policy adapter alone, files at the archive's top level (``PeftModel.from_pretrained`` loads it)."""
+        """The policy adapter alone, its files at the archive's top level (``PeftModel.from_pretrained``)."""
         with tempfile.TemporaryDirectory(dir=self.ctx.workdir) as tmp:
             self.models.peft.save_pretrained(tmp, selected_adapters=[POLICY], safe_serialization=True)
             out = Path(tmp) / POLICY if (Path(tmp) / POLICY / "adapter_config.json").exists() else Path(tmp)

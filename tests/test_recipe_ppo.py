@@ -1,0 +1,323 @@
+"""PPO (RLHF): the shared-base plumbing on a tiny model, and real jobs through one real worker.
+
+The known-answer tests of the PPO math are in ``test_ppo_core.py``. Here:
+
+* log-probs recomputed after sampling equal the sampler's own (left-padded prompts included), and a
+  reward model loaded as a third adapter on the shared base scores exactly like the merged model;
+* through the module's worker (``live``): a reward model trained on "short answers preferred", a
+  PPO job whose mean score rises, the 4xx answers for a bad ``reward_model``, and the seed's
+  pipeline SFT -> reward model -> PPO as chained jobs;
+* (slow) SmolLM2-135M-Instruct: a reward model trained on concise-vs-verbose pairs, and PPO raising
+  its mean score by a clear margin while the KL stays under the alarm bound.
+
+Why ``temperature`` 0.1 on tiny-random-llama: its output embedding is tied to the input embedding
+(std 0.02) behind an RMSNorm, so every logit lies within about +-1.3 and the temperature-1
+distribution is nearly uniform over 49k tokens whatever LoRA does to attention. Sampling at 0.1
+gives the policy logits a range it can actually move.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from service.jobs.spec import LoraTraining
+from service.settings import Settings
+from tests.conftest import MODEL_CACHE, LiveService
+from workers.ppo_core import response_mask
+from workers.recipes.ppo import (POLICY, REWARD, VALUE, SharedBase, left_pad, normalize_prompt, prompt_ids,
+                                 response_logps)
+
+TINY = "tiny-random-llama"
+REWARD_MODEL_PARAM = "method.ppo.hyperparameters.reward_model"
+#: Names and ids the live tests hand on to each other (one worker serves the module, in order).
+SHARED: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------- the shared base
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreTrainedTokenizerBase]:
+    from workers.base_models import load_tokenizer, resolve_base_model
+
+    settings = replace(Settings.from_env(tmp_path_factory.mktemp("ppo-data")), model_cache_dir=MODEL_CACHE)
+    path = resolve_base_model(TINY, settings)
+    return path, load_tokenizer(path)
+
+
+def shared_base(path: Path, seed: int = 0) -> SharedBase:
+    from workers.modeling import load_causal_lm
+
+    models = SharedBase(load_causal_lm(path), LoraTraining(r=4), seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a policy that differs from the reference
+        for name, p in models.peft.named_parameters():
+            if f"lora_B.{POLICY}" in name:
+                p.normal_(0.0, 0.5)
+    return models.eval()
+
+
+def test_prompts_render_like_training_prompts(tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
+    _, tokenizer = tiny
+    as_messages = normalize_prompt({"messages": [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Hi"}]})
+    as_string = normalize_prompt({"prompt": "Hi"})
+    assert as_string == [{"role": "user", "content": "Hi"}] and as_messages[-1] == as_string[0]
+    ids = prompt_ids(as_string, tokenizer, 1000)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    assert prompt_ids(as_string, tokenizer, 5) == ids[-5:]  # cut on the left
+    queries, mask = left_pad([[7, 8, 9], [5]], pad_token_id=2)
+    assert queries.tolist() == [[7, 8, 9], [2, 2, 5]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
+    """What PPO trains on (a forward over prompt + response) is what sampling drew from,
+    for left-padded prompts too; and the reference (adapters off) differs from the policy."""
+    from transformers import GenerationConfig
+
+    path, tokenizer = tiny
+    models = shared_base(path)
+    prompts = [prompt_ids([{"role": "user", "content": text}], tokenizer, 100)
+               for text in ("What is 2 plus 2?", "Hi", "Name three colours, please.")]
+    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    temperature = 0.7
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6,
+                              eos_token_id=[2, 0], pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = models.peft.generate(input_ids=queries, attention_mask=query_mask, generation_config=config,
+                                   output_logits=True, return_dict_in_generate=True)
+        responses = out.sequences[:, queries.shape[1]:]
+        mask, _ = response_mask(responses, [2, 0])
+        sampler = torch.stack([torch.log_softmax(step.float() / temperature, dim=-1) for step in out.logits], dim=1)
+        sampler = sampler.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+        ids = torch.cat([queries, responses], dim=1)
+        attention = torch.cat([query_mask, mask.long()], dim=1)
+        logps, entropy = response_logps(models, ids, attention, responses, temperature, with_entropy=True)
+        torch.testing.assert_close(logps[mask], sampler[mask], atol=1e-4, rtol=0)
+        assert entropy is not None and bool((entropy[mask] > 0).all())
+        # the shortest prompt alone (no padding) gives the same numbers
+        alone = torch.cat([torch.tensor([prompts[1]]), responses[1:2]], dim=1)
+        single, _ = response_logps(models, alone, torch.cat([torch.ones(1, len(prompts[1]), dtype=torch.long),
+                                                             mask[1:2].long()], dim=1), responses[1:2], temperature)
+        torch.testing.assert_close(single[mask[1:2]], logps[1:2][mask[1:2]], atol=1e-4, rtol=0)
+        with models.reference():
+            reference, _ = response_logps(models, ids, attention, responses, temperature)
+        assert float((reference[mask] - logps[mask]).abs().max()) > 1e-3
+
+
+def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
+        tiny: tuple[Path, PreTrainedTokenizerBase], tmp_path: Path) -> None:
+    from workers.recipes.reward_model import (SequenceScores, apply_reward_training_type, load_reward_model,
+                                              load_sequence_classifier)
+
+    path, tokenizer = tiny
+    torch.manual_seed(3)
+    rm = apply_reward_training_type(load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id),
+                                    LoraTraining(r=4), seed=3)
+    with torch.no_grad():  # a "trained" reward model: non-zero LoRA B and a moved head
+        for name, p in rm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+        rm.get_base_model().score.modules_to_save["default"].weight.add_(0.5)
+    rm.save_pretrained(tmp_path / "rm")
+
+    models = shared_base(path)
+    models.add_reward_adapter(tmp_path / "rm")
+    assert set(models.peft.peft_config) == {POLICY, VALUE, REWARD}
+    rows = [prompt_ids([{"role": "user", "content": "What is 2 plus 2?"}], tokenizer, 100) + [36, 30, 2],
+            prompt_ids([{"role": "user", "content": "Hi"}], tokenizer, 100) + [19556, 2]]
+    merged, _ = load_reward_model(path, tmp_path / "rm")
+    with torch.no_grad():
+        expected = torch.cat([SequenceScores(merged)(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+                              for r in rows])
+        ids, attention = left_pad(rows, tokenizer.pad_token_id)
+        models.use(REWARD)
+        assert models.reward_head is not None
+        scores = models.reward_head(models.hidden(ids, attention)[:, -1]).squeeze(-1)
+        models.use(POLICY)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    # switching adapters never freezes policy or value, never unfreezes the reward model
+    for adapter in (VALUE, REWARD, POLICY):
+        models.use(adapter)
+        assert all(p.requires_grad for p in models.trainable)
+        assert not any(p.requires_grad for n, p in models.peft.named_parameters() if f".{REWARD}." in n)
+    with models.reference():
+        pass
+    assert all(p.requires_grad for p in models.trainable)
+
+
+# --------------------------------------------------------------------------- live jobs
+
+
+def arithmetic_pairs(seed: int, n: int) -> list[dict[str, Any]]:
+    """Chosen: the short answer. Rejected: a long, hedging one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.",
+                     "rejected": f"Well, let me think about this step by step. First I take {a}, then I add {b} "
+                                 f"to it, and after carefully counting it all up I believe it might be {a + b}."})
+    return rows
+
+
+def arithmetic_prompts(n: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{"prompt": f"What is {a} plus {b}?"} for a in range(1, 9) for b in range(1, 5)]
+    rows[1] = {"messages": [{"role": "system", "content": "Answer briefly."},
+                            {"role": "user", "content": "What is 1 plus 2?"}]}
+    return rows[:n]
+
+
+def reward_model_job(model: str, training_file: str, steps: int, suffix: str = "rm") -> dict[str, Any]:
+    return {"model": model, "training_file": training_file, "seed": 1, "suffix": suffix,
+            "method": {"type": "reward_model", "reward_model": {"hyperparameters": {
+                "batch_size": 8, "max_steps": steps, "learning_rate": 1e-3}}}}
+
+
+def ppo_job(model: str, training_file: str, hp: dict[str, Any], suffix: str = "ppo",
+            **extra: Any) -> dict[str, Any]:
+    return {"model": model, "training_file": training_file, "seed": 2, "suffix": suffix,
+            "method": {"type": "ppo", "ppo": {"hyperparameters": hp}}, **extra}
+
+
+def events(live: LiveService, job_id: str) -> list[dict[str, Any]]:
+    return live.get(f"/v1/fine_tuning/jobs/{job_id}/events?order=asc&limit=200").json()["data"]  # type: ignore[no-any-return]
+
+
+def lora_b_max(archive: bytes, tmp: Path, base: Path) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(tmp, filter="data")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in tmp.iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp))
+    return max(float(p.abs().max()) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Path) -> None:
+    began = time.time()
+    rm = live.run(reward_model_job(TINY, live.upload(arithmetic_pairs(1, 64), "rm.jsonl")["id"], steps=8))
+    assert rm["status"] == "succeeded", rm["error"]
+    prompts = live.upload(arithmetic_prompts(32), "prompts.jsonl")
+    SHARED.update(reward_model=rm["fine_tuned_model"], prompts=prompts["id"])
+    hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 16, "mini_batch_size": 8,
+          "max_new_tokens": 2, "temperature": 0.1, "ppo_epochs": 4, "n_epochs": 6, "max_steps": 12,
+          "learning_rate": 1e-3, "lr_scheduler": "constant", "kl_coef": 0.05, "checkpoint_every_steps": 6}
+    done = live.run(ppo_job(TINY, prompts["id"], hp))
+    assert done["status"] == "succeeded", done["error"]
+    SHARED["ppo_model"] = done["fine_tuned_model"]
+    assert done["progress"] == {"step": 12, "total_steps": 12} and done["trained_tokens"] > 0
+
+    scores, kl = live.metric(done["id"], "objective/scores"), live.metric(done["id"], "objective/kl")
+    print(f"objective/scores {scores[0]:.4f} -> {scores[-1]:.4f}: {[round(s, 4) for s in scores]}")
+    print(f"objective/kl {kl[0]:.4f} -> {kl[-1]:.4f}: {[round(k, 4) for k in kl]}")
+    assert len(scores) == 12 and len(kl) == 12
+    assert sum(scores[-4:]) / 4 > sum(scores[:2]) / 2 + 0.03
+    assert abs(kl[0]) < 1e-4  # the policy is the reference until the first update
+    assert all(math.isfinite(k) for k in kl) and max(kl) < 10.0
+    names = {p["name"] for p in
+             live.get(f"/v1/fine_tuning/jobs/{done['id']}/metrics?step_from=2&step_to=2").json()["data"]}
+    assert {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+            "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+            "val/clipfrac_avg", "val/ratio", "val/explained_variance", "val/response_length_mean",
+            "val/eos_rate", "time/generation", "time/scoring", "time/optimization", "kl_coef",
+            "learning_rate"} <= names
+    log = events(live, done["id"])
+    assert any("third LoRA adapter" in e["message"] for e in log)
+    final = log[-1]
+    assert final["message"] == "The job has successfully completed"
+    memory = final["data"]["memory"]
+    assert memory["base_copy_bytes"] > 0 and memory["peak_bytes"] > 0 and memory["reward_model_mode"] == "adapter"
+    assert memory["four_copies_bytes"] == 4 * memory["base_copy_bytes"]  # fp32 weights, no buffers
+    print("memory", memory)
+    ckpts = live.get(f"/v1/fine_tuning/jobs/{done['id']}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in ckpts] == [12, 6]
+    archive = live.get(f"/v1/fine_tuning/jobs/{done['id']}/adapter").content
+    assert lora_b_max(archive, tmp_path / "policy", MODEL_CACHE / TINY) > 0  # the policy adapter changed
+    print(f"reward model + PPO: {time.time() - began:.1f}s")
+
+
+def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live: LiveService) -> None:
+    prompts, rm = SHARED["prompts"], SHARED["reward_model"]
+
+    def refused(hp: dict[str, Any], headers: dict[str, str] | None = None, training_file: str = prompts,
+                **extra: Any) -> dict[str, Any]:
+        r = live.api.client.post("/v1/fine_tuning/jobs", headers=headers or live.headers,
+                                 json=ppo_job(TINY, training_file, hp, **extra))
+        assert r.status_code == 400, r.text
+        return r.json()["error"]  # type: ignore[no-any-return]
+
+    def code(hp: dict[str, Any], **kwargs: Any) -> str:
+        error = refused(hp, **kwargs)
+        assert error["param"] == REWARD_MODEL_PARAM and error["type"] == "invalid_request_error"
+        return str(error["code"])
+
+    assert code({}) == "reward_model_required"
+    assert code({"reward_model": ""}) == "reward_model_required"
+    assert code({"reward_model": "ft:tiny-random-llama:acme:rm:ftjob-doesnotexist"}) == "reward_model_not_found"
+    assert code({"reward_model": "gpt-4"}) == "reward_model_not_found"
+    assert code({"reward_model": TINY}) == "reward_model_not_a_reward_model"
+    assert code({"reward_model": SHARED["ppo_model"]}) == "reward_model_not_a_reward_model"
+    # another organization's reward model answers exactly like one that does not exist
+    other = live.api.key("globex")
+    theirs = live.api.client.post("/v1/files", headers=other, data={"purpose": "fine-tune"},
+                                  files={"file": ("p.jsonl", b'{"prompt": "Hi"}\n')}).json()["id"]
+    error = refused({"reward_model": rm}, headers=other, training_file=theirs)
+    assert error["code"] == "reward_model_not_found" and error["param"] == REWARD_MODEL_PARAM
+    missing = refused({"reward_model": rm.rsplit(":", 1)[0] + ":ftjob-doesnotexist"}, headers=other,
+                      training_file=theirs)
+    assert error["message"].replace(rm, "X") == missing["message"].replace(missing["message"].split("'")[1], "X")
+    # a reward-model job that has not finished yet
+    pending = live.create_job(reward_model_job(TINY, live.upload(arithmetic_pairs(5, 8), "late.jsonl")["id"],
+                                               steps=50, suffix="late"))
+    name = f"ft:{TINY}:acme:late:{pending['id']}"
+    assert code({"reward_model": name}) == "reward_model_not_ready"
+    live.api.client.post(f"/v1/fine_tuning/jobs/{pending['id']}/cancel", headers=live.headers)
+    # the shape of the rest of the request
+    error = refused({"reward_model": rm, "rollout_batch_size": 4, "mini_batch_size": 8})
+    assert error["param"] == "method.ppo.hyperparameters.mini_batch_size"
+    error = refused({"reward_model": rm}, training_type={"type": "full"})
+    assert error["param"] == "training_type"
+
+
+def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService) -> None:
+    """The seed's three stages as three jobs; then PPO from the base with the chained reward model,
+    which has to be loaded as its own model (it was trained on a different base)."""
+    began = time.time()
+    sft_rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+                for r in arithmetic_pairs(7, 16)]
+    sft = live.run({"model": TINY, "training_file": live.upload(sft_rows, "sft.jsonl")["id"], "seed": 1,
+                    "suffix": "sft", "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                        "batch_size": 8, "max_steps": 2, "learning_rate": 1e-3}}}})
+    assert sft["status"] == "succeeded", sft["error"]
+    rm = live.run(reward_model_job(sft["fine_tuned_model"], live.upload(arithmetic_pairs(8, 16), "rm2.jsonl")["id"],
+                                   steps=2, suffix="rm-chained"))
+    assert rm["status"] == "succeeded", rm["error"]
+    hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 4, "mini_batch_size": 2,
+          "max_new_tokens": 4, "ppo_epochs": 1, "max_steps": 2}
+    ppo = live.run(ppo_job(sft["fine_tuned_model"], SHARED["prompts"], hp, suffix="chained"))
+    assert ppo["status"] == "succeeded", ppo["error"]
+    assert ppo["fine_tuned_model"].startswith(f"ft:{TINY}:acme:chained:")
+    assert any("third LoRA adapter" in e["message"] for e in events(live, ppo["id"]))
+    assert len(live.metric(ppo["id"], "objective/scores")) == 2
+
+    from_base = live.run(ppo_job(TINY, SHARED["prompts"], hp, suffix="separate-rm"))
+    assert from_base["status"] == "succeeded", from_base["error"]
+    log = events(live, from_base["id"])
+    assert any("loaded as its own model" in e["message"] for e in log)
+    assert log[-1]["data"]["memory"]["reward_model_mode"] == "separate"
+    assert all(math.isfinite(k) for k in live.metric(from_base["id"], "objective/kl"))
+    print(f"SFT -> RM -> PPO (+ PPO with a separate RM): {time.time() - began:.1f}s")
