@@ -95,7 +95,10 @@ class _Reporter:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.stamps: list[float] = []
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    is_main = True
+
+    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
+              type: str = "message") -> None:  # noqa: A002 - the Reporter's signature
         self.events.append(message)
 
     def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
@@ -114,6 +117,12 @@ class _Reporter:
 
     def should_stop(self, *, min_interval: float = 0.5) -> bool:
         return False
+
+    def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
+        return None
+
+    def resumed(self, step: int) -> None:
+        pass
 
 
 def _alignd_recipe(workdir: Path, steps: int) -> Any:

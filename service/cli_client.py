@@ -24,7 +24,7 @@ import httpx
 
 from service.client import TERMINAL, AligndError, Client
 
-METHODS = ("dpo", "supervised", "reward_model", "ppo")
+METHODS = ("dpo", "supervised", "reward_model", "ppo", "generate_preferences")
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2}
 BAR_WIDTH = 24
 
@@ -183,7 +183,7 @@ def job_body(args: argparse.Namespace, upload: Callable[[Path], str] | None = No
     method = dict(body.get("method") or {})
     method_type = args.method or method.get("type")
     if not method_type:
-        raise UsageError("--method is required (dpo, supervised, reward_model or ppo)")
+        raise UsageError("--method is required (dpo, supervised, reward_model, ppo or generate_preferences)")
     method["type"] = method_type
     hyper: dict[str, Any] = {}
     if args.hyperparameters:
@@ -228,6 +228,7 @@ def _show_job(job: dict[str, Any]) -> None:
         ("created", _when(job["created_at"])), ("finished", _when(job.get("finished_at"))),
         ("estimated_finish", _when(job.get("estimated_finish"))),
         ("fine_tuned_model", job.get("fine_tuned_model") or "-"),
+        ("result_files", ", ".join(job.get("result_files") or []) or "-"),
         ("trained_tokens", job.get("trained_tokens") if job.get("trained_tokens") is not None else "-"),
         ("hyperparameters", json.dumps(job.get("hyperparameters") or {}, sort_keys=True)),
         ("training_type", json.dumps(job.get("training_type") or {}, sort_keys=True)),

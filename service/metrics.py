@@ -137,6 +137,11 @@ _METHOD_SERIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "objective/kl": ("alignd_job_kl", ()),
         "objective/scores": ("alignd_job_reward", ("score",)),
     },
+    "generate_preferences": {  # the judge's scores of the pairs kept so far
+        "score/chosen_mean": ("alignd_job_reward", ("chosen",)),
+        "score/rejected_mean": ("alignd_job_reward", ("rejected",)),
+        "score/mean_gap": ("alignd_job_reward", ("margin",)),
+    },
 }
 GPU_MEMORY_PREFIX = "memory/gpu_peak_allocated_bytes/"
 

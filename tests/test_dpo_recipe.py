@@ -41,7 +41,10 @@ class ListReporter:
         self.events: list[tuple[str, dict[str, Any] | None]] = []
         self.metrics: list[tuple[int, dict[str, float]]] = []
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    is_main = True
+
+    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
+              type: str = "message") -> None:  # noqa: A002 - the Reporter's signature
         self.events.append((message, data))
 
     def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
@@ -58,6 +61,12 @@ class ListReporter:
 
     def should_stop(self, *, min_interval: float = 0.5) -> bool:
         return False
+
+    def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
+        return None
+
+    def resumed(self, step: int) -> None:
+        pass
 
 
 def recipe_for(tmp_path: Path, job_id: str = "ftjob-test", **hyperparameters: Any) -> Any:

@@ -30,9 +30,10 @@ SHARED: dict[str, Any] = {}
 
 
 def prompts_rows(n: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [{"prompt": f"What is {a} plus {b}?"} for a in range(1, 5) for b in range(1, 5)]
-    rows[1] = {"messages": [{"role": "system", "content": "Answer briefly."},
-                            {"role": "user", "content": "What is 1 plus 2?"}]}
+    """Chat prompts (one file holds one format); the second one has a system turn."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}]}
+            for a in range(1, 5) for b in range(1, 5)]
+    rows[1]["messages"].insert(0, {"role": "system", "content": "Answer briefly."})
     return rows[:n]
 
 
@@ -46,9 +47,10 @@ def rm_pairs(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def generation_job(training_file: str, hp: dict[str, Any], model: str = TINY, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "training_file": training_file, "seed": 5,
-            "method": {"type": "generate_preferences", "generate_preferences": {"hyperparameters": hp}}, **extra}
+def generation_job(training_file: str, hp: dict[str, Any], model: str = TINY,
+                   **extra: Any) -> dict[str, Any]:
+    method = {"type": "generate_preferences", "generate_preferences": {"hyperparameters": hp}}
+    return {"model": model, "training_file": training_file, "seed": 5, "method": method, **extra}
 
 
 def events(live: LiveService, job_id: str) -> list[dict[str, Any]]:
@@ -78,7 +80,8 @@ def test_output_lines_are_valid_preference_data_with_scores() -> None:
     assert report.ok and report.kind == DatasetKind.PREFERENCE and report.n_examples == 2, report.to_dict()
     assert lines[0]["chosen_score"] == 1.5 and "chosen_score" not in lines[1]
     bad = validate_jsonl([jsonl([{**lines[0], "chosen_score": "high"}])])
-    assert not bad.ok and bad.error_counts == {"wrong_type": 1} and "chosen_score" in (bad.status_details() or "")
+    assert not bad.ok and bad.error_counts == {"wrong_type": 1}
+    assert "chosen_score" in (bad.status_details() or "")
     assert compatible_kinds("generate_preferences") == {DatasetKind.PROMPTS}
     assert output_filename("ftjob-1") == "ftjob-1-preferences.jsonl"
 
@@ -106,15 +109,17 @@ def test_creation_rules_without_a_judge(sqlite_api: Api) -> None:
         assert r.status_code == 400, r.text
         return r.json()["error"]  # type: ignore[no-any-return]
 
-    assert error({}) | {"message": ""} == {"message": "", "type": "invalid_request_error", "param": JUDGE_PARAM,
-                                           "code": "judge_or_constitution_required"}
+    assert error({}) | {"message": ""} == {"message": "", "type": "invalid_request_error",
+                                           "param": JUDGE_PARAM, "code": "judge_or_constitution_required"}
     assert error({"constitution": []})["param"] == f"{PARAM}.constitution"
     assert error({"constitution": ["   "]})["param"] == f"{PARAM}.constitution"
     assert error({"constitution": ["Be brief."], "k": 1})["param"] == f"{PARAM}.k"
     assert error({"judge": TINY})["code"] == "reward_model_not_a_reward_model"
     assert error({"judge": "ft:tiny-random-llama:acme::ftjob-nope"}) | {"message": ""} == {
-        "message": "", "type": "invalid_request_error", "param": JUDGE_PARAM, "code": "reward_model_not_found"}
-    assert error({"constitution": ["x"], "max_length": 32, "max_new_tokens": 32})["param"] == f"{PARAM}.max_length"
+        "message": "", "type": "invalid_request_error", "param": JUDGE_PARAM,
+        "code": "reward_model_not_found"}
+    too_long = error({"constitution": ["x"], "max_length": 32, "max_new_tokens": 32})
+    assert too_long["param"] == f"{PARAM}.max_length"
     assert error({"constitution": ["x"]}, resources={"gpus": 2})["param"] == "resources.gpus"
     preference = upload(rm_pairs(4))
     assert error({"constitution": ["x"]}, training_file=preference)["code"] == "invalid_file_format"
@@ -144,8 +149,8 @@ def judge(live: LiveService) -> str:
 
 def test_judge_generation_writes_a_preference_file_a_dpo_job_trains_on(live: LiveService, judge: str) -> None:
     prompts = prompts_rows(8)
-    hp = {"judge": judge, "k": 3, "max_new_tokens": 12, "max_length": 128, "batch_size": 4, "temperature": 1.0,
-          "min_margin": 0.0}
+    hp = {"judge": judge, "k": 3, "max_new_tokens": 12, "max_length": 128, "batch_size": 4,
+          "temperature": 1.0, "min_margin": 0.0}
     job = live.run(generation_job(live.upload(prompts, "prompts.jsonl")["id"], hp))
     assert job["status"] == "succeeded", job["error"]
     assert job["fine_tuned_model"] is None and len(job["result_files"]) == 1
@@ -156,12 +161,13 @@ def test_judge_generation_writes_a_preference_file_a_dpo_job_trains_on(live: Liv
     assert f["filename"] == f"{job['id']}-preferences.jsonl"
 
     kept = last_metric(live, job["id"], "pairs/kept")
-    dropped = {r: last_metric(live, job["id"], f"pairs/dropped_{r}") for r in ("margin", "identical", "empty")}
+    dropped = {r: last_metric(live, job["id"], f"pairs/dropped_{r}")
+               for r in ("margin", "identical", "empty")}
     assert kept + sum(dropped.values()) == len(prompts) and dropped["margin"] == 0
     assert last_metric(live, job["id"], "pairs/generated") == 3 * len(prompts)
     lines = content_lines(live, file_id)
     assert len(lines) == f["examples"] == kept == len(prompts) - sum(dropped.values()) > 0
-    asked = [[{"role": "user", "content": p["prompt"]}] if "prompt" in p else p["messages"] for p in prompts]
+    asked = [p["messages"] for p in prompts]
     gaps = []
     for line in lines:
         assert set(line) == {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}
@@ -206,7 +212,8 @@ def test_constitution_mode_writes_revised_over_original(live: LiveService) -> No
     assert last_metric(live, job["id"], "pairs/generated") == 3 * 4  # original, critique, revision
 
 
-def test_constitution_with_a_judge_keeps_only_revisions_the_judge_prefers(live: LiveService, judge: str) -> None:
+def test_constitution_with_a_judge_keeps_only_revisions_the_judge_prefers(live: LiveService,
+                                                                         judge: str) -> None:
     hp = {"constitution": ["Be concise."], "judge": judge, "max_new_tokens": 6, "max_length": 128}
     job = live.run(generation_job(live.upload(prompts_rows(6), "cai-judge.jsonl")["id"], hp))
     dropped_judge = last_metric(live, job["id"], "pairs/dropped_judge")
@@ -233,7 +240,8 @@ def test_min_margin_dropping_everything_fails_with_no_pairs_kept(live: LiveServi
 def test_judge_must_be_a_succeeded_reward_model_of_this_organization(live: LiveService, judge: str) -> None:
     prompts = live.upload(prompts_rows(2), "p.jsonl")["id"]
 
-    def refused(hp: dict[str, Any], headers: dict[str, str] | None = None, training_file: str = prompts) -> Any:
+    def refused(hp: dict[str, Any], headers: dict[str, str] | None = None,
+                training_file: str = prompts) -> Any:
         r = live.api.client.post("/v1/fine_tuning/jobs", headers=headers or live.headers,
                                  json=generation_job(training_file, hp))
         assert r.status_code == 400, r.text

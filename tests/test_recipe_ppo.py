@@ -35,8 +35,16 @@ from service.jobs.spec import LoraTraining
 from service.settings import Settings
 from tests.conftest import MODEL_CACHE, LiveService
 from workers.ppo_core import response_mask
-from workers.recipes.ppo import (POLICY, REWARD, VALUE, SharedBase, left_pad, normalize_prompt, prompt_ids,
-                                 response_logps)
+from workers.recipes.ppo import (
+    POLICY,
+    REWARD,
+    VALUE,
+    SharedBase,
+    left_pad,
+    normalize_prompt,
+    prompt_ids,
+    response_logps,
+)
 
 TINY = "tiny-random-llama"
 REWARD_MODEL_PARAM = "method.ppo.hyperparameters.reward_model"
@@ -100,8 +108,8 @@ def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTok
                                    output_logits=True, return_dict_in_generate=True)
         responses = out.sequences[:, queries.shape[1]:]
         mask, _ = response_mask(responses, [2, 0])
-        sampler = torch.stack([torch.log_softmax(step.float() / temperature, dim=-1) for step in out.logits], dim=1)
-        sampler = sampler.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+        steps = [torch.log_softmax(step.float() / temperature, dim=-1) for step in out.logits]
+        sampler = torch.stack(steps, dim=1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
         ids = torch.cat([queries, responses], dim=1)
         attention = torch.cat([query_mask, mask.long()], dim=1)
         logps, entropy = response_logps(models, ids, attention, responses, temperature, with_entropy=True)
@@ -109,8 +117,8 @@ def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTok
         assert entropy is not None and bool((entropy[mask] > 0).all())
         # the shortest prompt alone (no padding) gives the same numbers
         alone = torch.cat([torch.tensor([prompts[1]]), responses[1:2]], dim=1)
-        single, _ = response_logps(models, alone, torch.cat([torch.ones(1, len(prompts[1]), dtype=torch.long),
-                                                             mask[1:2].long()], dim=1), responses[1:2], temperature)
+        alone_mask = torch.cat([torch.ones(1, len(prompts[1]), dtype=torch.long), mask[1:2].long()], dim=1)
+        single, _ = response_logps(models, alone, alone_mask, responses[1:2], temperature)
         torch.testing.assert_close(single[mask[1:2]], logps[1:2][mask[1:2]], atol=1e-4, rtol=0)
         with models.reference():
             reference, _ = response_logps(models, ids, attention, responses, temperature)
@@ -119,8 +127,12 @@ def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTok
 
 def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
         tiny: tuple[Path, PreTrainedTokenizerBase], tmp_path: Path) -> None:
-    from workers.recipes.reward_model import (SequenceScores, apply_reward_training_type, load_reward_model,
-                                              load_sequence_classifier)
+    from workers.recipes.reward_model import (
+        SequenceScores,
+        apply_reward_training_type,
+        load_reward_model,
+        load_sequence_classifier,
+    )
 
     path, tokenizer = tiny
     torch.manual_seed(3)
@@ -140,7 +152,7 @@ def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
             prompt_ids([{"role": "user", "content": "Hi"}], tokenizer, 100) + [19556, 2]]
     merged, _ = load_reward_model(path, tmp_path / "rm")
     with torch.no_grad():
-        expected = torch.cat([SequenceScores(merged)(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+        expected = torch.cat([SequenceScores(merged)(torch.tensor([r]), torch.ones(1, len(r)).long())
                               for r in rows])
         ids, attention = left_pad(rows, tokenizer.pad_token_id)
         models.use(REWARD)
@@ -168,13 +180,15 @@ def arithmetic_pairs(seed: int, n: int) -> list[dict[str, Any]]:
     for _ in range(n):
         a, b = rng.randint(1, 60), rng.randint(1, 60)
         rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.",
-                     "rejected": f"Well, let me think about this step by step. First I take {a}, then I add {b} "
-                                 f"to it, and after carefully counting it all up I believe it might be {a + b}."})
+                     "rejected": f"Well, let me think about this step by step. First I take {a}, then I add "
+                                 f"{b} to it, and after carefully counting it all up I believe it might be "
+                                 f"{a + b}."})
     return rows
 
 
 def arithmetic_prompts(n: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [{"prompt": f"What is {a} plus {b}?"} for a in range(1, 9) for b in range(1, 5)]
+    rows: list[dict[str, Any]] = [{"prompt": f"What is {a} plus {b}?"}
+                                  for a in range(1, 9) for b in range(1, 5)]
     rows[1] = {"messages": [{"role": "system", "content": "Answer briefly."},
                             {"role": "user", "content": "What is 1 plus 2?"}]}
     return rows[:n]
@@ -231,16 +245,17 @@ def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Pat
     names = {p["name"] for p in
              live.get(f"/v1/fine_tuning/jobs/{done['id']}/metrics?step_from=2&step_to=2").json()["data"]}
     assert {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-            "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-            "val/clipfrac_avg", "val/ratio", "val/explained_variance", "val/response_length_mean",
-            "val/eos_rate", "time/generation", "time/scoring", "time/optimization", "kl_coef",
-            "learning_rate"} <= names
+            "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+            "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/explained_variance",
+            "val/response_length_mean", "val/eos_rate", "time/generation", "time/scoring",
+            "time/optimization", "kl_coef", "learning_rate"} <= names
     log = events(live, done["id"])
     assert any("third LoRA adapter" in e["message"] for e in log)
     final = log[-1]
     assert final["message"] == "The job has successfully completed"
     memory = final["data"]["memory"]
-    assert memory["base_copy_bytes"] > 0 and memory["peak_bytes"] > 0 and memory["reward_model_mode"] == "adapter"
+    assert memory["base_copy_bytes"] > 0 and memory["peak_bytes"] > 0
+    assert memory["reward_model_mode"] == "adapter"
     assert memory["four_copies_bytes"] == 4 * memory["base_copy_bytes"]  # fp32 weights, no buffers
     print("memory", memory)
     ckpts = live.get(f"/v1/fine_tuning/jobs/{done['id']}/checkpoints").json()["data"]
@@ -267,7 +282,7 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live
 
     assert code({}) == "reward_model_required"
     assert code({"reward_model": ""}) == "reward_model_required"
-    assert code({"reward_model": "ft:tiny-random-llama:acme:rm:ftjob-doesnotexist"}) == "reward_model_not_found"
+    assert code({"reward_model": f"ft:{TINY}:acme:rm:ftjob-doesnotexist"}) == "reward_model_not_found"
     assert code({"reward_model": "gpt-4"}) == "reward_model_not_found"
     assert code({"reward_model": TINY}) == "reward_model_not_a_reward_model"
     assert code({"reward_model": SHARED["ppo_model"]}) == "reward_model_not_a_reward_model"
@@ -279,7 +294,8 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live
     assert error["code"] == "reward_model_not_found" and error["param"] == REWARD_MODEL_PARAM
     missing = refused({"reward_model": rm.rsplit(":", 1)[0] + ":ftjob-doesnotexist"}, headers=other,
                       training_file=theirs)
-    assert error["message"].replace(rm, "X") == missing["message"].replace(missing["message"].split("'")[1], "X")
+    missing_name = missing["message"].split("'")[1]
+    assert error["message"].replace(rm, "X") == missing["message"].replace(missing_name, "X")
     # a reward-model job that has not finished yet
     pending = live.create_job(reward_model_job(TINY, live.upload(arithmetic_pairs(5, 8), "late.jsonl")["id"],
                                                steps=50, suffix="late"))
@@ -297,14 +313,15 @@ def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService) -> No
     """The seed's three stages as three jobs; then PPO from the base with the chained reward model,
     which has to be loaded as its own model (it was trained on a different base)."""
     began = time.time()
-    sft_rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+    sft_rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["chosen"]}]}
                 for r in arithmetic_pairs(7, 16)]
     sft = live.run({"model": TINY, "training_file": live.upload(sft_rows, "sft.jsonl")["id"], "seed": 1,
                     "suffix": "sft", "method": {"type": "supervised", "supervised": {"hyperparameters": {
                         "batch_size": 8, "max_steps": 2, "learning_rate": 1e-3}}}})
     assert sft["status"] == "succeeded", sft["error"]
-    rm = live.run(reward_model_job(sft["fine_tuned_model"], live.upload(arithmetic_pairs(8, 16), "rm2.jsonl")["id"],
-                                   steps=2, suffix="rm-chained"))
+    preferences = live.upload(arithmetic_pairs(8, 16), "rm2.jsonl")
+    rm = live.run(reward_model_job(sft["fine_tuned_model"], preferences["id"], steps=2, suffix="rm-chained"))
     assert rm["status"] == "succeeded", rm["error"]
     hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 4, "mini_batch_size": 2,
           "max_new_tokens": 4, "ppo_epochs": 1, "max_steps": 2}

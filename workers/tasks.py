@@ -96,6 +96,35 @@ def fine_tuned_model_name(ctx: JobContext) -> str:
     return f"ft:{ctx.base_model}:{ctx.organization_name}:{ctx.suffix or ''}:{ctx.job_id}"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def out_of_memory_error(state: AppState, job_id: str) -> dict[str, Any]:
+    """What a user can act on: how much the job was estimated to need and what the device has."""
+    import psutil
+    import torch
+
+    with session_scope(state.sessions) as session:
+        estimate = JobRunRepository(session, job_id).job().estimated_memory_bytes
+    if torch.cuda.is_available():
+        device = f"GPU {torch.cuda.get_device_name()}"
+        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        device, capacity = "host", psutil.virtual_memory().total
+    needed = f"the job was estimated to need {_gib(estimate)}" if estimate else "no estimate was recorded"
+    return {"code": "out_of_memory", "param": "method",
+            "message": f"ran out of memory on the {device} ({_gib(capacity)}); {needed}. Lower batch_size or "
+                       "max_length, set gradient_checkpointing, or use LoRA; POST the job with "
+                       "\"dry_run\": true to see the estimate."}
+
+
 def _fail(reporter: Reporter, state: AppState, job_id: str, error: dict[str, Any]) -> None:
     reporter.event(f"Job failed: {error['message']}", level="error", data={"code": error["code"]})
     if not reporter.is_main:  # under accelerate launch, rank 0 records the end state
@@ -158,9 +187,11 @@ def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
         return "failed"
     except Exception as exc:  # noqa: BLE001 - every failure must end the job with a readable error
         log.exception("job %s failed", job_id)
-        code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
-        _fail(reporter, state, job_id, {"code": code, "message": f"{type(exc).__name__}: {exc}"[:1000],
-                                        "param": None})
+        if is_out_of_memory(exc):
+            _fail(reporter, state, job_id, out_of_memory_error(state, job_id))
+        else:
+            _fail(reporter, state, job_id, {"code": "training_error", "param": None,
+                                            "message": f"{type(exc).__name__}: {exc}"[:1000]})
         return "failed"
     finally:
         if recipe is not None:

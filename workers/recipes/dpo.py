@@ -445,7 +445,7 @@ class DPORecipe:
     def precompute_reference(self) -> dict[str, Tensor] | None:
         """Reference log-probs of every pair, loaded from the job's store or computed and stored.
 
-        Returns None when the job was cancelled meanwhile.
+        Returns None when the job is cancelled meanwhile.
         """
         ctx = self.ctx
         key, fingerprint = ref_logps_key(ctx.job_id), self._fingerprint()
@@ -460,7 +460,7 @@ class DPORecipe:
             for split, pairs, batches in self._splits():
                 values = torch.empty(len(pairs), 2)
                 for indices in batches:
-                    if ctx.reporter.should_stop():
+                    if ctx.reporter.stop_reason() == "cancel":  # a pause waits: the loop checkpoints step 0
                         return None
                     sums, _ = self._reference_logps(self._collate([pairs[i] for i in indices]))
                     values[indices] = torch.stack(sums.float().cpu().chunk(2), dim=1)
@@ -513,7 +513,7 @@ class DPORecipe:
         self.last_eval = result
         self.ctx.reporter.metrics_only(step, result)
         self.ctx.reporter.event(f"Eval at step {step}: loss={result['eval/loss']:.4f}, "
-                                f"accuracy={result['eval/rewards/accuracies']:.3f}",
+                                f"accuracy={result['eval/rewards/accuracies']:.3f}", type="metrics",
                                 data={"step": step, **result})
         return result
 

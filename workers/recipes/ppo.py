@@ -59,13 +59,14 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -138,7 +139,7 @@ class SharedBase(nn.Module):
 
     def __init__(self, base: PreTrainedModel, lora: LoraTraining, seed: int) -> None:
         super().__init__()
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]
                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
         names = [n for n, _ in base.named_modules()]
         missing = [m for m in config.target_modules or [] if not any(n.endswith(m) for n in names)]
@@ -205,8 +206,9 @@ class SharedBase(nn.Module):
             raise ValueError(f"{adapter_dir} holds no scalar score head")
         self.peft.add_adapter(REWARD, config)
         result = set_peft_model_state_dict(self.peft, lora, adapter_name=REWARD)
-        if result.unexpected_keys:
-            raise ValueError(f"reward adapter keys the base does not have: {result.unexpected_keys[:3]}")
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise ValueError(f"reward adapter keys the base does not have: {unexpected[:3]}")
         bias = next((v for k, v in head.items() if k.endswith(".bias")), None)
         self.reward_head = nn.Linear(weight.shape[1], 1, bias=bias is not None)
         with torch.no_grad():
@@ -284,7 +286,7 @@ def resolve_reward_model(ctx: JobContext, name: str) -> RewardModelRef:
         if (job.method or {}).get("type") != "reward_model":
             raise JobFailure("reward_model_not_a_reward_model", f"'{name}' is not a reward model",
                              REWARD_MODEL_PARAM)
-        base, parents = job.model, []
+        base, parents = job.model, list[str]()
         while base.startswith("ft:"):
             parent = repo.parent_by_fine_tuned_model(org, base)
             if parent is None or not parent.adapter_key:
@@ -296,132 +298,43 @@ def resolve_reward_model(ctx: JobContext, name: str) -> RewardModelRef:
         return RewardModelRef(name, job.id, base, parents, job.adapter_key)
 
 
-# --------------------------------------------------------------------------- the recipe
+# --------------------------------------------------------------------------- rollouts and updates
 
 
-class PPORecipe:
-    def __init__(self, ctx: JobContext) -> None:
-        self.ctx = ctx
-        self.hp: PpoHyperparameters = ctx.hyperparameters  # type: ignore[assignment]
-        self.last_eval: dict[str, float] = {}
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the generation config's (SmolLM2: ``<|im_end|>``, ``<|endoftext|>``)
+    and the tokenizer's EOS."""
+    configured = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None))
 
-    # setup -------------------------------------------------------------------------------------
-    def setup(self) -> None:
-        ctx, hp = self.ctx, self.hp
-        if not isinstance(ctx.training_type, LoraTraining):
-            raise JobFailure("invalid_training_type", "PPO trains LoRA adapters; training_type 'full' is not "
-                             "supported", "training_type")
-        if not hp.reward_model:
-            raise JobFailure("reward_model_required", "a PPO job needs a reward_model", REWARD_MODEL_PARAM)
-        if hp.max_length <= hp.max_new_tokens:
-            raise JobFailure("invalid_hyperparameters",
-                             f"max_length ({hp.max_length}) must exceed max_new_tokens "
-                             f"({hp.max_new_tokens}): prompts get max_length - max_new_tokens tokens",
-                             "method.ppo.hyperparameters.max_length")
-        torch.manual_seed(ctx.seed)
-        random.seed(ctx.seed)
-        self.accelerator = make_accelerator(hp)
-        self.device = self.accelerator.device
-        self.meter = PeakMeter(self.device).start()
-        base_dir = resolve_base_model(ctx.base_model, ctx.settings)
-        self.tokenizer = load_tokenizer(base_dir)
-        self.prompts = self._prompts(ctx.read_jsonl(ctx.training_file_key), "training_file")
-        self.eval_prompts = (self._prompts(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
-                             if ctx.validation_file_key else [])
-        dtype = pick_dtype(self.device)
-        base = load_causal_lm(base_dir, dtype)
-        for key in ctx.parent_adapter_keys:
-            base = merge_adapter(base, ctx.store, key)
-        base.requires_grad_(False)
-        self.base_bytes = parameter_bytes(base)
-        self.base_params = parameter_count(base)
-        if hp.gradient_checkpointing:
-            base.gradient_checkpointing_enable()
-            base.enable_input_require_grads()
-        self.models = SharedBase(base, ctx.training_type, ctx.seed).to(self.device)
-        self.generation_config = self._generation_config(base)
-        self.eos_ids = self._eos_ids(base)
-        self._load_reward_model(base_dir, dtype)
+
+class PPOEngine:
+    """Rollouts and PPO updates over a :class:`SharedBase`: no database and no object store, so the
+    recipe and ``bench/ppo_memory.py`` run exactly the same code."""
+
+    def __init__(self, models: SharedBase, tokenizer: PreTrainedTokenizerBase, hp: PpoHyperparameters, *,
+                 accelerator: Accelerator, eos_ids: list[int], total_steps: int, seed: int,
+                 separate_reward: tuple[nn.Module, PreTrainedTokenizerBase] | None = None,
+                 on_nan: Callable[[float, int, int], None] | None = None) -> None:
+        if separate_reward is None and models.reward_head is None:
+            raise ValueError("no reward model: add a reward adapter or pass separate_reward")
+        self.models, self.tokenizer, self.hp = models, tokenizer, hp
+        self.accelerator, self.device = accelerator, accelerator.device
+        self.eos_ids = eos_ids
+        self.separate_reward = separate_reward
+        self.on_nan = on_nan
+        self.generation_config = GenerationConfig(
+            do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, max_new_tokens=hp.max_new_tokens,
+            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         self.kl_ctl: P.FixedKLController | P.AdaptiveKLController = (
             P.AdaptiveKLController(hp.kl_coef, hp.target_kl, KL_HORIZON) if hp.target_kl else
             P.FixedKLController(hp.kl_coef))
-        self.kl_bound = 10 * hp.target_kl if hp.target_kl else DEFAULT_KL_BOUND
-        per_epoch = math.ceil(len(self.prompts) / hp.rollout_batch_size)
-        self.total_steps = per_epoch * hp.n_epochs if hp.max_steps is None else min(per_epoch * hp.n_epochs,
-                                                                                    hp.max_steps)
         self.mini_batch_size = min(hp.mini_batch_size, hp.rollout_batch_size)
-        updates = self.total_steps * hp.ppo_epochs * math.ceil(hp.rollout_batch_size / self.mini_batch_size)
-        self.optimizer, self.scheduler = make_optimizer(self.models.trainable, hp, updates)
+        updates = total_steps * hp.ppo_epochs * math.ceil(hp.rollout_batch_size / self.mini_batch_size)
+        self.optimizer, self.scheduler = make_optimizer(models.trainable, hp, updates)
         self.nan_guard = P.NanGuard(NAN_LIMIT)
-        self.sampler = torch.Generator().manual_seed(ctx.seed)
-
-    def _prompts(self, rows: list[dict[str, Any]], param: str) -> list[Prompt]:
-        budget = self.hp.max_length - self.hp.max_new_tokens
-        out, truncated = [], 0
-        for row in rows:
-            messages = normalize_prompt(row)
-            ids = prompt_ids(messages, self.tokenizer, budget + 1)
-            truncated += int(len(ids) > budget)
-            out.append((messages, ids[-budget:]))
-        if not out:
-            code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
-            raise JobFailure(code, f"{param} holds no prompts", param)
-        if truncated:
-            self.ctx.reporter.event(f"{truncated} of {len(rows)} prompts in {param} were cut to their last "
-                                    f"{budget} tokens (max_length - max_new_tokens)", level="warn",
-                                    data={"truncated": truncated, "file": param})
-        return out
-
-    def _generation_config(self, base: PreTrainedModel) -> GenerationConfig:
-        hp = self.hp
-        return GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=hp.max_new_tokens, eos_token_id=self._eos_ids(base),
-                                pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
-
-    def _eos_ids(self, base: PreTrainedModel) -> list[int]:
-        configured = base.generation_config.eos_token_id if base.generation_config is not None else None
-        ids = configured if isinstance(configured, list) else [configured]
-        ids = [*ids, self.tokenizer.eos_token_id]
-        return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-    def _load_reward_model(self, base_dir: Path, dtype: torch.dtype) -> None:
-        ctx = self.ctx
-        ref = resolve_reward_model(ctx, self.hp.reward_model or "")
-        directory = Path(tempfile.mkdtemp(dir=ctx.workdir))
-        adapter_dir = fetch_adapter(ctx.store, ref.adapter_key, directory / "reward")
-        same_base = ref.base_model == ctx.base_model and ref.parent_adapter_keys == ctx.parent_adapter_keys
-        is_lora = (adapter_dir / "adapter_config.json").exists()
-        self.separate_reward: tuple[nn.Module, PreTrainedTokenizerBase] | None = None
-        reason = ""
-        if same_base and is_lora:
-            try:
-                self.models.add_reward_adapter(adapter_dir)
-                self.models.to(self.device)
-                self.reward_mode = "adapter"
-                ctx.reporter.event(f"Reward model {ref.name}: loaded as a third LoRA adapter on the shared "
-                                   "base (one copy of the base weights for policy, value, reference and "
-                                   "reward)",
-                                   data={"reward_model": ref.name, "reward_model_mode": "adapter"})
-                return
-            except (ValueError, KeyError, RuntimeError) as exc:
-                reason = f"its adapter does not fit the shared base ({exc})"
-        elif not is_lora:
-            reason = "it is a full fine-tune"
-        else:
-            reason = (f"it was trained on {ref.base_model} with {len(ref.parent_adapter_keys)} parent "
-                      "fine-tune(s), a different base from this job's")
-        from workers.recipes.reward_model import load_reward_model
-
-        parents = [fetch_adapter(ctx.store, key, directory / f"parent-{i}")
-                   for i, key in enumerate(ref.parent_adapter_keys)]
-        rm_base = resolve_base_model(ref.base_model, ctx.settings)
-        model, tokenizer = load_reward_model(rm_base, adapter_dir, parent_adapter_dirs=parents, dtype=dtype,
-                                             device=self.device)
-        self.separate_reward = (model, tokenizer)
-        self.reward_mode = "separate"
-        ctx.reporter.event(f"Reward model {ref.name}: loaded as its own model because {reason} "
-                           f"(a second copy of the weights, {parameter_bytes(model) / 2**20:.0f} MiB)",
-                           data={"reward_model": ref.name, "reward_model_mode": "separate"})
+        self.sampler = torch.Generator().manual_seed(seed)
 
     # rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -448,6 +361,7 @@ class PPORecipe:
             ids, attention, response = r.sequences[rows], r.attention_mask[rows], responses[rows]
             logps, entropy = self._policy_logps(ids, attention, response, with_entropy=True)
             parts["logps"].append(logps)
+            assert entropy is not None
             parts["entropy"].append(entropy)
             with models.reference():
                 parts["ref"].append(self._policy_logps(ids, attention, response)[0])
@@ -493,8 +407,8 @@ class PPORecipe:
         model, tokenizer = self.separate_reward
         texts = []
         for response, length in zip(r.responses[rows], lengths.tolist(), strict=True):
-            texts.append(self.tokenizer.decode(response[:length].tolist(), skip_special_tokens=True))
-        pairs = list(zip(r.prompts[rows], texts, strict=True))
+            texts.append(str(self.tokenizer.decode(response[:length].tolist(), skip_special_tokens=True)))
+        pairs: list[tuple[Any, Any]] = list(zip(r.prompts[rows], texts, strict=True))
         return score(model, tokenizer, pairs, batch_size=len(pairs), max_length=self.hp.max_length)
 
     # advantages ----------------------------------------------------------------------------------
@@ -570,9 +484,8 @@ class PPORecipe:
         except FloatingPointError:
             raise JobFailure("nan_loss", f"the loss was not finite {self.nan_guard.count} times "
                              f"(last at step {step}: {loss}); stopping") from None
-        self.ctx.reporter.event(f"Non-finite loss ({loss}) at step {step}: that update was skipped "
-                                f"({self.nan_guard.count} of {NAN_LIMIT} allowed)", level="warn",
-                                data={"step": step, "nan_losses": self.nan_guard.count})
+        if self.on_nan is not None:
+            self.on_nan(loss, step, self.nan_guard.count)
 
     # one step's numbers --------------------------------------------------------------------------
     def rollout_metrics(self, r: Rollout, adv: dict[str, Tensor]) -> dict[str, float]:
@@ -593,6 +506,122 @@ class PPORecipe:
             "val/eos_rate": float(r.has_eos.float().mean()),
             "kl_coef": float(self.kl_ctl.value),
         }
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class PPORecipe:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.hp: PpoHyperparameters = ctx.hyperparameters  # type: ignore[assignment]
+        self.last_eval: dict[str, float] = {}
+
+    # setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ctx, hp = self.ctx, self.hp
+        if not isinstance(ctx.training_type, LoraTraining):
+            raise JobFailure("invalid_training_type", "PPO trains LoRA adapters; training_type 'full' is not "
+                             "supported", "training_type")
+        if not hp.reward_model:
+            raise JobFailure("reward_model_required", "a PPO job needs a reward_model", REWARD_MODEL_PARAM)
+        if hp.max_length <= hp.max_new_tokens:
+            raise JobFailure("invalid_hyperparameters",
+                             f"max_length ({hp.max_length}) must exceed max_new_tokens "
+                             f"({hp.max_new_tokens}): prompts get max_length - max_new_tokens tokens",
+                             "method.ppo.hyperparameters.max_length")
+        torch.manual_seed(ctx.seed)
+        random.seed(ctx.seed)
+        self.accelerator = make_accelerator(hp)
+        self.device = self.accelerator.device
+        self.meter = PeakMeter(self.device).start()
+        base_dir = resolve_base_model(ctx.base_model, ctx.settings)
+        self.tokenizer = load_tokenizer(base_dir)
+        self.prompts = self._prompts(ctx.read_jsonl(ctx.training_file_key), "training_file")
+        self.eval_prompts = (self._prompts(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
+                             if ctx.validation_file_key else [])
+        dtype = pick_dtype(self.device)
+        base = load_causal_lm(base_dir, dtype)
+        for key in ctx.parent_adapter_keys:
+            base = merge_adapter(base, ctx.store, key)
+        base.requires_grad_(False)
+        self.base_bytes = parameter_bytes(base)
+        self.base_params = parameter_count(base)
+        if hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        self.models = SharedBase(base, ctx.training_type, ctx.seed).to(self.device)
+        self._load_reward_model(base_dir, dtype)
+        self.kl_bound = 10 * hp.target_kl if hp.target_kl else DEFAULT_KL_BOUND
+        per_epoch = math.ceil(len(self.prompts) / hp.rollout_batch_size)
+        self.total_steps = min(per_epoch * hp.n_epochs, hp.max_steps or per_epoch * hp.n_epochs)
+        self.engine = PPOEngine(self.models, self.tokenizer, hp, accelerator=self.accelerator,
+                                eos_ids=eos_token_ids(base, self.tokenizer), total_steps=self.total_steps,
+                                seed=ctx.seed, separate_reward=self.separate_reward, on_nan=self._nan_event)
+
+    def _nan_event(self, loss: float, step: int, count: int) -> None:
+        self.ctx.reporter.event(f"Non-finite loss ({loss}) at step {step}: that update was skipped "
+                                f"({count} of {NAN_LIMIT} allowed)", level="warn",
+                                data={"step": step, "nan_losses": count})
+
+    def _prompts(self, rows: list[dict[str, Any]], param: str) -> list[Prompt]:
+        budget = self.hp.max_length - self.hp.max_new_tokens
+        out, truncated = [], 0
+        for row in rows:
+            messages = normalize_prompt(row)
+            ids = prompt_ids(messages, self.tokenizer, budget + 1)
+            truncated += int(len(ids) > budget)
+            out.append((messages, ids[-budget:]))
+        if not out:
+            code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
+            raise JobFailure(code, f"{param} holds no prompts", param)
+        if truncated:
+            self.ctx.reporter.event(f"{truncated} of {len(rows)} prompts in {param} were cut to their last "
+                                    f"{budget} tokens (max_length - max_new_tokens)", level="warn",
+                                    data={"truncated": truncated, "file": param})
+        return out
+
+    def _load_reward_model(self, base_dir: Path, dtype: torch.dtype) -> None:
+        ctx = self.ctx
+        ref = resolve_reward_model(ctx, self.hp.reward_model or "")
+        directory = Path(tempfile.mkdtemp(dir=ctx.workdir))
+        adapter_dir = fetch_adapter(ctx.store, ref.adapter_key, directory / "reward")
+        same_base = ref.base_model == ctx.base_model and ref.parent_adapter_keys == ctx.parent_adapter_keys
+        is_lora = (adapter_dir / "adapter_config.json").exists()
+        self.separate_reward: tuple[nn.Module, PreTrainedTokenizerBase] | None = None
+        reason = ""
+        if same_base and is_lora:
+            try:
+                self.models.add_reward_adapter(adapter_dir)
+                self.models.to(self.device)
+                self.reward_mode = "adapter"
+                ctx.reporter.event(f"Reward model {ref.name}: loaded as a third LoRA adapter on the shared "
+                                   "base (one copy of the base weights for policy, value, reference and "
+                                   "reward)",
+                                   data={"reward_model": ref.name, "reward_model_mode": "adapter"})
+                return
+            except (ValueError, KeyError, RuntimeError) as exc:
+                if REWARD in self.models.peft.peft_config:
+                    self.models.peft.delete_adapter(REWARD)
+                self.models.use(POLICY)
+                reason = f"its adapter does not fit the shared base ({exc})"
+        elif not is_lora:
+            reason = "it is a full fine-tune"
+        else:
+            reason = (f"it was trained on {ref.base_model} with {len(ref.parent_adapter_keys)} parent "
+                      "fine-tune(s), a different base from this job's")
+        from workers.recipes.reward_model import load_reward_model
+
+        parents = [fetch_adapter(ctx.store, key, directory / f"parent-{i}")
+                   for i, key in enumerate(ref.parent_adapter_keys)]
+        rm_base = resolve_base_model(ref.base_model, ctx.settings)
+        model, tokenizer = load_reward_model(rm_base, adapter_dir, parent_adapter_dirs=parents, dtype=dtype,
+                                             device=self.device)
+        self.separate_reward = (model, tokenizer)
+        self.reward_mode = "separate"
+        ctx.reporter.event(f"Reward model {ref.name}: loaded as its own model because {reason} "
+                           f"(a second copy of the weights, {parameter_bytes(model) / 2**20:.0f} MiB)",
+                           data={"reward_model": ref.name, "reward_model_mode": "separate"})
 
     # train ---------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[float, list[Prompt]]]:
@@ -629,20 +658,20 @@ class PPORecipe:
             if reason is not None:
                 reporter.event("Training stopped: the job was cancelled", level="warn")
                 return TrainResult("cancelled", tokens, last)
-            r, timing = self.rollout(batch)
-            adv = self.advantages(r)
-            metrics = self.rollout_metrics(r, adv)
+            r, timing = self.engine.rollout(batch)
+            adv = self.engine.advantages(r)
+            metrics = self.engine.rollout_metrics(r, adv)
             began = time.perf_counter()
-            metrics |= self.optimize(r, adv, step + 1)
+            metrics |= self.engine.optimize(r, adv, step + 1)
             metrics["time/optimization"] = time.perf_counter() - began
             metrics |= timing
-            self.kl_ctl.update(metrics["objective/kl"], len(r))
+            self.engine.kl_ctl.update(metrics["objective/kl"], len(r))
             step += 1
             episodes += len(r)
             tokens += int(r.attention_mask.sum())
             metrics["episode"] = float(episodes)
             metrics["epoch"] = epoch
-            metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+            metrics["learning_rate"] = float(self.engine.scheduler.get_last_lr()[0])
             metrics["num_tokens"] = float(tokens)
             history["scores"].append(metrics["objective/scores"])
             history["kl"].append(metrics["objective/kl"])
@@ -670,7 +699,7 @@ class PPORecipe:
                                         "last": history["scores"][-1] if history["scores"] else None},
                    "objective/kl": {"first": history["kl"][0] if history["kl"] else None,
                                     "last": history["kl"][-1] if history["kl"] else None},
-                   "nan_losses": self.nan_guard.count, **self.last_eval}
+                   "nan_losses": self.engine.nan_guard.count, **self.last_eval}
         return TrainResult("succeeded", tokens, last, adapter_key=key, summary=summary, step=step)
 
     def _alarms(self, step: int, metrics: dict[str, float], history: dict[str, list[float]],
@@ -698,8 +727,8 @@ class PPORecipe:
         n = 0
         for start in range(0, len(self.eval_prompts), self.hp.rollout_batch_size):
             batch = self.eval_prompts[start:start + self.hp.rollout_batch_size]
-            r, _ = self.rollout(batch)
-            metrics = self.rollout_metrics(r, self.advantages(r))
+            r, _ = self.engine.rollout(batch)
+            metrics = self.engine.rollout_metrics(r, self.engine.advantages(r))
             for k in ("objective/scores", "objective/kl", "objective/rlhf_reward", "val/response_length_mean",
                       "val/eos_rate"):
                 totals[k] = totals.get(k, 0.0) + metrics[k] * len(r)
@@ -726,14 +755,13 @@ class PPORecipe:
 
     def memory_report(self) -> dict[str, Any]:
         peak = self.meter.peak()
-        element = next(self.models.peft.parameters()).element_size()
         return {"device": str(self.device), "measured": self.meter.kind, "peak_bytes": peak,
                 "base_copy_bytes": self.base_bytes, "base_parameters": self.base_params,
                 "peak_over_base": peak / self.base_bytes if self.base_bytes else math.nan,
-                "four_copies_bytes": 4 * self.base_params * element, "reward_model_mode": self.reward_mode}
+                "four_copies_bytes": 4 * self.base_bytes, "reward_model_mode": self.reward_mode}
 
     def cleanup(self) -> None:
-        for name in ("models", "optimizer", "scheduler", "separate_reward"):
+        for name in ("engine", "models", "separate_reward"):
             if hasattr(self, name):
                 delattr(self, name)
         if torch.cuda.is_available():
