@@ -185,14 +185,14 @@ class GeneratePreferencesRecipe:
                                   pad_token_id=self.tokenizer.pad_token_id, num_return_sequences=n,
                                   use_cache=True)
         torch.manual_seed(seed)
-        out = self.model.generate(input_ids=queries.to(self.device), attention_mask=mask.to(self.device),
-                                  generation_config=config)
+        out = self.model.generate(  # type: ignore[operator]
+            input_ids=queries.to(self.device), attention_mask=mask.to(self.device), generation_config=config)
         responses = out[:, queries.shape[1]:].tolist()
         texts: list[list[str]] = [[] for _ in conversations]
         for row, tokens in enumerate(responses):
             cut = next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
             self.tokens += len(ids[row // n]) + cut
-            texts[row // n].append(self.tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip())
+            texts[row // n].append(str(self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)).strip())
         return texts
 
     def _scores(self, items: Sequence[tuple[Messages, str]]) -> list[float]:
@@ -322,14 +322,15 @@ class GeneratePreferencesRecipe:
                 elapsed = time.perf_counter() - began
                 ctx.reporter.step(step, total, {**self.metrics(), "tokens_per_second": self.tokens / elapsed},
                                   trained_tokens=self.tokens)
-        summary = {"prompts": self.counts["prompts"], "generated": self.counts["generated"],
-                   "kept": self.counts["kept"],
-                   "dropped": {r: self.counts[f"dropped_{r}"] for r in DROP_REASONS},
-                   **({"mean_gap": self.metrics()["score/mean_gap"]} if self.gaps else {})}
-        dropped = ", ".join(f"{r} {n}" for r, n in summary["dropped"].items() if n) or "none"
+        by_reason = {r: self.counts[f"dropped_{r}"] for r in DROP_REASONS}
+        summary: dict[str, Any] = {"prompts": self.counts["prompts"], "generated": self.counts["generated"],
+                                   "kept": self.counts["kept"], "dropped": by_reason}
+        if self.gaps:
+            summary["mean_gap"] = self.metrics()["score/mean_gap"]
+        dropped = ", ".join(f"{r} {n}" for r, n in by_reason.items() if n) or "none"
         ctx.reporter.event(f"Generated {summary['generated']} responses for {summary['prompts']} prompts: "
-                           f"kept {summary['kept']} pairs, dropped {sum(summary['dropped'].values())} "
-                           f"({dropped})", data=summary)
+                           f"kept {summary['kept']} pairs, dropped {sum(by_reason.values())} ({dropped})",
+                           data=summary)
         if not self.counts["kept"]:
             param = f"{PARAM}.min_margin" if self.counts["dropped_margin"] else None
             raise JobFailure("no_pairs_kept", f"no preference pair was kept out of {summary['prompts']} "
