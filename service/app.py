@@ -6,10 +6,10 @@ from typing import Any
 
 from litestar import Litestar, Request, get
 from litestar.config.app import AppConfig
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.datastructures import State
 from sqlalchemy import text
 
 from service.api.deps import app_state, provide_principal

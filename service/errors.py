@@ -11,11 +11,11 @@ import re
 from typing import Any
 
 from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from msgspec import Struct
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from msgspec import Struct
 
 log = logging.getLogger("alignd.api")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from service.datasets.analysis import analyze_jsonl
 from service.datasets.validation import ValidationReport, validate_jsonl
@@ -43,12 +43,12 @@ def file_analysis(f: File) -> dict[str, Any] | None:
     return (f.validation or {}).get("analysis")
 
 
-def _chunks(stream: BinaryIO) -> Any:
+def _chunks(stream: IO[bytes]) -> Any:
     while chunk := stream.read(_CHUNK):
         yield chunk
 
 
-def upload_hash(filename: str, purpose: str, stream: BinaryIO) -> str:
+def upload_hash(filename: str, purpose: str, stream: IO[bytes]) -> str:
     digest = hashlib.sha256(f"{filename}\0{purpose}\0".encode())
     for chunk in _chunks(stream):
         digest.update(chunk)
@@ -57,7 +57,7 @@ def upload_hash(filename: str, purpose: str, stream: BinaryIO) -> str:
 
 
 def create_file(repo: OrgRepository, store: ObjectStore, limits: LimitSettings, *, filename: str,
-                purpose: str, stream: BinaryIO) -> File:
+                purpose: str, stream: IO[bytes]) -> File:
     if purpose not in PURPOSES:
         raise APIError(400, f"purpose must be one of {', '.join(PURPOSES)}", code="invalid_purpose",
                        param="purpose")

@@ -46,7 +46,7 @@ def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/fi
             seen = 0
             started = False
 
-            async def counting_receive() -> Message:
+            async def counting_receive() -> Any:
                 nonlocal seen
                 message = await receive()
                 if message["type"] == "http.request":
@@ -61,7 +61,7 @@ def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/fi
                 await send(message)
 
             try:
-                await app(scope, counting_receive, tracking_send)
+                await app(scope, counting_receive, tracking_send)  # type: ignore[arg-type]
             except UploadTooLarge:
                 if not started:
                     await _reject(send, limit)
@@ -71,7 +71,7 @@ def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/fi
     return middleware
 
 
-async def _reject(send: Send, limit: int) -> None:
+async def _reject(send: Any, limit: int) -> None:
     body = json.dumps({"error": {"message": f"upload is larger than the limit of {limit} bytes",
                                  "type": "invalid_request_error", "param": "file",
                                  "code": "file_too_large"}}).encode()

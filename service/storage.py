@@ -67,7 +67,7 @@ class ObjectStore(Protocol):
     bodies.)
     """
 
-    def put_stream(self, key: str, stream: BinaryIO) -> int:
+    def put_stream(self, key: str, stream: IO[bytes]) -> int:
         """Store everything ``stream.read()`` yields under ``key``; return the number of bytes."""
         ...
 
@@ -252,7 +252,7 @@ class LocalStore:
 
     # writes ------------------------------------------------------------------------------
 
-    def put_stream(self, key: str, stream: BinaryIO) -> int:
+    def put_stream(self, key: str, stream: IO[bytes]) -> int:
         """Write to a staging file, fsync it, then ``os.replace`` it into place.
 
         The staging directory sits under the root (same filesystem, so the rename is atomic) and
@@ -491,7 +491,7 @@ class S3Store:
 
     # writes ------------------------------------------------------------------------------
 
-    def put_stream(self, key: str, stream: BinaryIO) -> int:
+    def put_stream(self, key: str, stream: IO[bytes]) -> int:
         """Upload with ``upload_fileobj``: multipart above 8 MiB, aborted if the stream fails."""
         full = self._key(key)
         self._ensure_bucket()

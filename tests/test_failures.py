@@ -13,7 +13,8 @@ from workers.tasks import is_out_of_memory, out_of_memory_error, worker_state
 def test_out_of_memory_error_is_actionable(sqlite_api: Api) -> None:
     api = sqlite_api
     headers = api.key("acme")
-    f = api.client.post("/v1/files", headers=headers, files={"file": ("p.jsonl", b'{"prompt":"a","chosen":"b","rejected":"c"}\n')},
+    line = b'{"prompt":"a","chosen":"b","rejected":"c"}\n'
+    f = api.client.post("/v1/files", headers=headers, files={"file": ("p.jsonl", line)},
                         data={"purpose": "fine-tune"}).json()
     job = api.client.post("/v1/fine_tuning/jobs", headers=headers, json={
         "model": "tiny-random-llama", "training_file": f["id"], "method": {"type": "dpo"}}).json()

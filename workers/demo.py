@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -40,9 +41,9 @@ def _api_key(settings: Settings) -> str:
         return create_key(session, "demo")[1]
 
 
-def _progress_line(job: dict[str, object], loss: float | None, margin: float | None) -> str:
-    progress = job["progress"] or {}
-    step, total = int(progress.get("step") or 0), int(progress.get("total_steps") or 0)  # type: ignore[union-attr]
+def _progress_line(job: dict[str, Any], loss: float | None, margin: float | None) -> str:
+    progress: dict[str, Any] = job["progress"] or {}
+    step, total = int(progress.get("step") or 0), int(progress.get("total_steps") or 0)
     filled = int(BAR * step / total) if total else 0
     extra = f" loss={loss:.4f}" if loss is not None else ""
     extra += f" margin={margin:.3f}" if margin is not None else ""
@@ -63,18 +64,18 @@ def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> 
     from workers.base_models import load_tokenizer
     from workers.modeling import load_causal_lm
 
-    tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir)
+    tokenizer: Any = load_tokenizer(model_dir)
+    model: Any = load_causal_lm(model_dir)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    outputs = []
+    outputs: list[str] = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        ids: Any = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        outputs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        outputs.append(str(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)).strip())
     return outputs
 
 
@@ -109,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
             "method": {"type": "dpo", "dpo": {"hyperparameters": {
                 "n_epochs": args.epochs, "batch_size": 4, "learning_rate": 5e-4, "beta": 0.1, "max_length": 256,
                 "checkpoint_every_steps": 10}}},
-            "training_type": {"type": "lora", "r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "training_type": {"type": "lora", "r": 16, "alpha": 32,
+                              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         })
         print(f"created {job['id']} (status {job['status']}); the worker converts SmolLM2 once on first use")
         loss = margin = None
         tty = sys.stdout.isatty()
         shown = ""
-        for job, events in client.follow(job["id"], poll=1.0):
+        for job, events in client.follow(job["id"], poll=1.0):  # noqa: B020 - job is refreshed on purpose
             for event in events:
                 data = event.get("data") or {}
                 if event["type"] == "metrics" and "loss" in data:

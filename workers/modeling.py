@@ -50,7 +50,7 @@ def merge_adapter(model: PreTrainedModel, store: Any, adapter_key: str) -> PreTr
 def apply_training_type(model: PreTrainedModel, training_type: TrainingType, seed: int) -> nn.Module:
     if isinstance(training_type, LoraTraining):
         torch.manual_seed(seed)
-        config = LoraConfig(r=training_type.r, lora_alpha=training_type.alpha, lora_dropout=training_type.dropout,
+        config = LoraConfig(r=training_type.r, lora_alpha=training_type.alpha,  # type: ignore[arg-type] # peft accepts floats lora_dropout=training_type.dropout,
                             target_modules=list(training_type.target_modules), task_type="CAUSAL_LM", bias="none")
         missing = [m for m in config.target_modules or [] if not any(n.endswith(m) for n, _ in model.named_modules())]
         if missing:

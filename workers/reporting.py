@@ -12,6 +12,7 @@ rank in the same step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -160,7 +161,5 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
+            with contextlib.suppress(Exception):  # a missed beat is retried on the next tick
                 self.reporter.heartbeat()
-            except Exception:  # noqa: BLE001 - a missed beat is retried on the next tick
-                pass

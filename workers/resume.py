@@ -72,10 +72,10 @@ def restore_weights(model: nn.Module, directory: Path) -> None:
             raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
         return
     full = _find(model, PreTrainedModel)
-    weights: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
     for path in sorted(directory.glob("*.safetensors")):
-        weights.update(load_file(str(path)))
-    missing, unexpected = full.load_state_dict(weights, strict=False)
+        state.update(load_file(str(path)))
+    _, unexpected = full.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
 

@@ -73,7 +73,7 @@ def _context(state: AppState, job_id: str, reporter: Reporter, workdir: Path) ->
     with session_scope(state.sessions) as session:
         repo = JobRunRepository(session, job_id)
         job = repo.job()
-        base, adapters = job.model, []
+        base, adapters = job.model, list[str]()
         while base.startswith("ft:"):
             parent = repo.parent_by_fine_tuned_model(job.organization_id, base)
             if parent is None or not parent.adapter_key:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -112,8 +113,6 @@ class FilesController(Controller):
             row = repo.get_file(file_id)
             key = row.storage_key
             repo.delete_file(row)
-        try:
+        with contextlib.suppress(ObjectNotFound):  # already gone: delete is idempotent
             state.store.delete(key)
-        except ObjectNotFound:
-            pass
         return {"id": file_id, "object": "file", "deleted": True}

@@ -9,13 +9,21 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from service.api.deps import app_state, org_repo
-from service.db.repositories import OrgRepository
-from service.idempotency import run_idempotent
 from service.auth import Principal
+from service.db.repositories import OrgRepository
 from service.errors import APIError
+from service.idempotency import run_idempotent
 from service.jobs.planning import present_estimate
-from service.jobs.service import (cancel_job, check_job, create_job, pause_job, present_event, present_job,
-                                  request_hash, resume_job)
+from service.jobs.service import (
+    cancel_job,
+    check_job,
+    create_job,
+    pause_job,
+    present_event,
+    present_job,
+    request_hash,
+    resume_job,
+)
 from service.jobs.spec import JobCreate, to_builtins
 from service.queue import send_train
 from service.state import AppState
@@ -80,7 +88,8 @@ class JobsController(Controller):
         with org_repo(app_state(request), principal) as repo:
             return present_job(cancel_job(repo, repo.get_job(job_id)))
 
-    @post("/{job_id:str}/pause", status_code=200, sync_to_thread=True, summary="Pause a job (checkpoint, free the worker)")
+    @post("/{job_id:str}/pause", status_code=200, sync_to_thread=True,
+          summary="Pause a job (checkpoint, free the worker)")
     def pause(self, request: Request, principal: Principal, job_id: str) -> dict[str, Any]:  # type: ignore[type-arg]
         with org_repo(app_state(request), principal) as repo:
             return present_job(pause_job(repo, repo.get_job(job_id)))

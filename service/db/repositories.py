@@ -13,8 +13,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import (Checkpoint, File, IdempotencyKey, Job, JobEvent, MetricPoint, Organization, new_id,
-                               now)
+from service.db.models import Checkpoint, File, IdempotencyKey, Job, JobEvent, MetricPoint, Organization, new_id, now
 from service.errors import not_found
 
 

@@ -12,10 +12,10 @@ from service.datasets.validation import compatible_kinds
 from service.db.models import Job, JobEvent, new_id, now
 from service.db.repositories import OrgRepository
 from service.errors import APIError
-from service.limits import check_job_limits
 from service.jobs.chaining import validate_generate_preferences, validate_ppo
 from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
+from service.limits import check_job_limits
 from service.model_registry import is_base_model
 from service.settings import Settings
 

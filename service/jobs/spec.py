@@ -128,7 +128,7 @@ class Method(Struct, forbid_unknown_fields=True):
     def normalized(self) -> Method:
         """Only the selected method's block, with every default filled in."""
         body = getattr(self, self.type) or _METHOD_BODIES[self.type]()
-        return Method(type=self.type, **{self.type: body})
+        return Method(type=self.type, **{self.type: body})  # type: ignore[arg-type]
 
 
 _METHOD_BODIES: dict[str, type[Struct]] = {
