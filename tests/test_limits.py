@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from service.settings import LimitSettings
-from tests.conftest import PREFERENCE_ROWS, MODEL_CACHE, Api, _api, jsonl, make_settings
+from tests.conftest import MODEL_CACHE, PREFERENCE_ROWS, Api, _api, jsonl, make_settings
 from tests.processes import alignd, free_port, stop, wait_http
 
 MB = 1 << 20

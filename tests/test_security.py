@@ -35,9 +35,10 @@ def test_revoked_key_is_refused(tmp_path: Path) -> None:
                              env=env, capture_output=True, text=True, check=True)
     secret = created.stdout.strip()
     key_id = re.search(r"key id (\S+)", created.stderr).group(1)  # type: ignore[union-attr]
+    from litestar.testing import TestClient
+
     from service.app import create_app
     from service.settings import Settings
-    from litestar.testing import TestClient
 
     os.environ["ALIGND_DATA_DIR"] = str(tmp_path / "data")
     try:
