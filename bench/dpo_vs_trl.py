@@ -297,6 +297,9 @@ def _time_trl(workdir: Path, steps: int) -> dict[str, Any]:
     clock = Clock()
     tokenizer, batches = _tokenizer_and_batches()
     trainer = _trl_trainer(tokenizer, batches, workdir, steps, callbacks=[clock])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs still computed every step, just not printed
     trainer.train()
     return {"step_times": [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)],
             "losses": clock.losses, "peak_rss": _peak_rss_bytes()}
@@ -314,6 +317,10 @@ def _child(kind: str, steps: int, threads: int | None, queue: Any) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if kind != "alignd":
+        import datasets
+
+        datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix=f"dpo-bench-{kind}-") as tmp:
         workdir = Path(tmp)
         if kind == "check":
@@ -350,6 +357,8 @@ def main() -> None:
 
     resolve_base_model(MODEL, _settings())  # converts the GGUF once, before any child needs it
 
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs", flush=True)
     check = _run("check", args.steps, args.threads)
     loss_diff = abs(check["alignd_loss"] - check["trl_loss"])
     print(f"check: tokens identical={check['same_tokens']}, shared-prompt layout={check['shared_layout']}; "
@@ -375,7 +384,7 @@ def main() -> None:
         print(f"{kind:6s} block: steps {' '.join(f'{t:.2f}' for t in out['step_times'])} s "
               f"(steady mean {statistics.mean(steady):.3f} s), losses "
               f"{' '.join(f'{v:.4f}' for v in out['losses'])}, peak RSS {out['peak_rss'] / 2**20:.0f} MiB, "
-              f"block wall {time.perf_counter() - began:.0f} s", flush=True)
+              f"block wall {time.perf_counter() - began:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
 
     trl_step, alignd_step = statistics.mean(times["trl"]), statistics.mean(times["alignd"])
     print(f"per-step mean over steps 2..{args.steps} of {args.rounds} blocks each: "

@@ -13,8 +13,10 @@ steps of ``PPOEngine`` (the recipe's own rollout and update code): rollouts of 8
 is an untrained SEQ_CLS LoRA (random B, random head) written by the parent first: its numbers do not
 matter, its memory does.
 
-Measured peak: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before loading;
-on the CPU the peak RSS (``VmHWM``, reset at the start) above the RSS before loading. One base copy:
+After loading: the same meter once the base, the adapters and the optimizer exist (weights; on
+the CPU also whatever the loader left allocated). Measured peak: on CUDA
+``torch.cuda.max_memory_allocated`` above what was allocated before loading; on the CPU the peak
+RSS (``VmHWM``, reset at the start) above the RSS before loading. One base copy:
 the bytes of the base's parameters and buffers (fp32 on the CPU, bf16 on a bf16 GPU). The seed's
 arithmetic: 4 x that.
 
@@ -103,6 +105,7 @@ def measure(model: str, reward_dir: str, steps: int) -> dict[str, Any]:
     models.to(device)
     engine = PPOEngine(models, tokenizer, hp, accelerator=accelerator, eos_ids=eos_token_ids(base, tokenizer),
                        total_steps=steps, seed=0)
+    loaded = meter.current()
     times = []
     for step in range(steps):
         began = time.perf_counter()
@@ -114,7 +117,8 @@ def measure(model: str, reward_dir: str, steps: int) -> dict[str, Any]:
     adapters = parameter_bytes(models) - base_bytes
     return {"model": model, "device": str(device), "dtype": str(base.dtype).replace("torch.", ""),
             "parameters": params, "base_bytes": base_bytes, "adapter_bytes": adapters,
-            "peak_bytes": meter.peak(), "measured": meter.kind, "seconds_per_step": sum(times) / len(times)}
+            "loaded_bytes": loaded, "peak_bytes": meter.peak(), "measured": meter.kind,
+            "seconds_per_step": sum(times) / len(times)}
 
 
 def _child(queue: Any, model: str, reward_dir: str, steps: int) -> None:
@@ -138,19 +142,21 @@ def run(model: str, steps: int) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| model | device, dtype | parameters | one base copy | adapters (3 LoRA + heads) "
-             "| measured peak | peak / one copy | seed's four copies (4 x params x bytes) | s/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| after loading | measured peak | peak / one copy | seed's four copies (4 x params x bytes) "
+             "| s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['model']} | failed: {r['error']} ||||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['device']}, {r['dtype']} | {r['parameters'] / 1e6:.1f} M "
             f"| {r['base_bytes'] / MIB:.0f} MiB | {r['adapter_bytes'] / MIB:.1f} MiB "
-            f"| {r['peak_bytes'] / MIB:.0f} MiB ({r['measured']}) | {r['peak_bytes'] / r['base_bytes']:.2f} "
+            f"| {r['loaded_bytes'] / MIB:.0f} MiB | {r['peak_bytes'] / MIB:.0f} MiB ({r['measured']}) "
+            f"| {r['peak_bytes'] / r['base_bytes']:.2f} "
             f"| {4 * r['base_bytes'] / MIB:.0f} MiB | {r['seconds_per_step']:.1f} |")
     lines.append(f"| 7B (arithmetic) | fp32 / bf16 | 7000 M | {SEED_7B_PARAMS * 4 / GB:.0f} / "
-                 f"{SEED_7B_PARAMS * 2 / GB:.0f} GB | - | - | - | {4 * SEED_7B_PARAMS * 4 / GB:.0f} / "
+                 f"{SEED_7B_PARAMS * 2 / GB:.0f} GB | - | - | - | - | {4 * SEED_7B_PARAMS * 4 / GB:.0f} / "
                  f"{4 * SEED_7B_PARAMS * 2 / GB:.0f} GB (the seed quotes ~160 GB) | - |")
     return "\n".join(lines)
 

@@ -125,32 +125,36 @@ def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTok
         assert float((reference[mask] - logps[mask]).abs().max()) > 1e-3
 
 
-def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
-        tiny: tuple[Path, PreTrainedTokenizerBase], tmp_path: Path) -> None:
-    from workers.recipes.reward_model import (
-        SequenceScores,
-        apply_reward_training_type,
-        load_reward_model,
-        load_sequence_classifier,
-    )
+@pytest.fixture(scope="module")
+def reward_adapter(tiny: tuple[Path, PreTrainedTokenizerBase], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A "trained" SEQ_CLS LoRA reward model on tiny-random-llama: non-zero LoRA B and a moved head."""
+    from workers.recipes.reward_model import apply_reward_training_type, load_sequence_classifier
 
     path, tokenizer = tiny
     torch.manual_seed(3)
     rm = apply_reward_training_type(load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id),
                                     LoraTraining(r=4), seed=3)
-    with torch.no_grad():  # a "trained" reward model: non-zero LoRA B and a moved head
+    with torch.no_grad():
         for name, p in rm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.3)
         rm.get_base_model().score.modules_to_save["default"].weight.add_(0.5)
-    rm.save_pretrained(tmp_path / "rm")
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    rm.save_pretrained(out)
+    return out
 
+
+def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
+        tiny: tuple[Path, PreTrainedTokenizerBase], reward_adapter: Path) -> None:
+    from workers.recipes.reward_model import SequenceScores, load_reward_model
+
+    path, tokenizer = tiny
     models = shared_base(path)
-    models.add_reward_adapter(tmp_path / "rm")
+    models.add_reward_adapter(reward_adapter)
     assert set(models.peft.peft_config) == {POLICY, VALUE, REWARD}
     rows = [prompt_ids([{"role": "user", "content": "What is 2 plus 2?"}], tokenizer, 100) + [36, 30, 2],
             prompt_ids([{"role": "user", "content": "Hi"}], tokenizer, 100) + [19556, 2]]
-    merged, _ = load_reward_model(path, tmp_path / "rm")
+    merged, _ = load_reward_model(path, reward_adapter)
     with torch.no_grad():
         expected = torch.cat([SequenceScores(merged)(torch.tensor([r]), torch.ones(1, len(r)).long())
                               for r in rows])
@@ -170,6 +174,36 @@ def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
     assert all(p.requires_grad for p in models.trainable)
 
 
+def test_non_finite_losses_skip_the_update_and_fail_the_job_on_the_third(
+        tiny: tuple[Path, PreTrainedTokenizerBase], reward_adapter: Path) -> None:
+    from service.jobs.spec import PpoHyperparameters
+    from workers.context import JobFailure
+    from workers.recipes.ppo import PPOEngine, eos_token_ids
+    from workers.training import make_accelerator
+
+    path, tokenizer = tiny
+    models = shared_base(path)
+    models.add_reward_adapter(reward_adapter)
+    hp = PpoHyperparameters(reward_model="rm", rollout_batch_size=4, mini_batch_size=4, max_new_tokens=3,
+                            ppo_epochs=4)
+    seen: list[tuple[int, int]] = []
+    engine = PPOEngine(models, tokenizer, hp, accelerator=make_accelerator(hp),
+                       eos_ids=eos_token_ids(models.peft.get_base_model(), tokenizer), total_steps=1, seed=0,
+                       on_nan=lambda loss, step, count: seen.append((step, count)))
+    prompts = [([{"role": "user", "content": q}], prompt_ids([{"role": "user", "content": q}], tokenizer, 50))
+               for q in ("Hi", "What is 2 plus 2?", "Bye", "Why?")]
+    rollout, timing = engine.rollout(prompts)
+    assert set(timing) == {"time/generation", "time/scoring"} and rollout.scores.shape == (4,)
+    advantages = engine.advantages(rollout)
+    before = [p.detach().clone() for p in models.trainable]
+    advantages["advantages"] = torch.full_like(advantages["advantages"], math.nan)
+    with pytest.raises(JobFailure) as failure:
+        engine.optimize(rollout, advantages, step=7)
+    assert failure.value.code == "nan_loss"
+    assert seen == [(7, 1), (7, 2)]  # two skipped updates reported, the third fails the job
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, models.trainable, strict=True))
+
+
 # --------------------------------------------------------------------------- live jobs
 
 
@@ -186,12 +220,13 @@ def arithmetic_pairs(seed: int, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def arithmetic_prompts(n: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [{"prompt": f"What is {a} plus {b}?"}
-                                  for a in range(1, 9) for b in range(1, 5)]
-    rows[1] = {"messages": [{"role": "system", "content": "Answer briefly."},
-                            {"role": "user", "content": "What is 1 plus 2?"}]}
-    return rows[:n]
+def arithmetic_prompts(n: int, messages: bool = False) -> list[dict[str, Any]]:
+    """``{"prompt"}`` lines, or ``{"messages"}`` ones with a system turn (one format per file)."""
+    questions = [f"What is {a} plus {b}?" for a in range(1, 9) for b in range(1, 5)][:n]
+    if messages:
+        return [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}]}
+                for q in questions]
+    return [{"prompt": q} for q in questions]
 
 
 def reward_model_job(model: str, training_file: str, steps: int, suffix: str = "rm") -> dict[str, Any]:
@@ -325,16 +360,61 @@ def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService) -> No
     assert rm["status"] == "succeeded", rm["error"]
     hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 4, "mini_batch_size": 2,
           "max_new_tokens": 4, "ppo_epochs": 1, "max_steps": 2}
-    ppo = live.run(ppo_job(sft["fine_tuned_model"], SHARED["prompts"], hp, suffix="chained"))
+    prompts = live.upload(arithmetic_prompts(8, messages=True), "prompts-messages.jsonl")["id"]
+    ppo = live.run(ppo_job(sft["fine_tuned_model"], prompts, hp, suffix="chained"))
     assert ppo["status"] == "succeeded", ppo["error"]
     assert ppo["fine_tuned_model"].startswith(f"ft:{TINY}:acme:chained:")
     assert any("third LoRA adapter" in e["message"] for e in events(live, ppo["id"]))
     assert len(live.metric(ppo["id"], "objective/scores")) == 2
 
-    from_base = live.run(ppo_job(TINY, SHARED["prompts"], hp, suffix="separate-rm"))
+    # k3 KL and an adaptive coefficient with a target the policy is sure to overshoot: the KL alarm fires
+    alarm_hp = {**hp, "kl_estimator": "k3", "target_kl": 1e-4, "learning_rate": 1e-2, "n_epochs": 2, "max_steps": 3}
+    from_base = live.run(ppo_job(TINY, prompts, alarm_hp, suffix="separate-rm"))
     assert from_base["status"] == "succeeded", from_base["error"]
     log = events(live, from_base["id"])
     assert any("loaded as its own model" in e["message"] for e in log)
     assert log[-1]["data"]["memory"]["reward_model_mode"] == "separate"
-    assert all(math.isfinite(k) for k in live.metric(from_base["id"], "objective/kl"))
+    kl = live.metric(from_base["id"], "objective/kl")
+    assert kl[0] == 0.0 and all(k >= 0 and math.isfinite(k) for k in kl)  # k3 is never negative
+    assert kl[-1] > 10 * 1e-4
+    assert any(e["level"] == "warn" and "above 10 x target_kl" in e["message"] for e in log)
+    beta = live.metric(from_base["id"], "kl_coef")
+    assert beta[1] < beta[0] and beta[2] > beta[1]  # KL 0 < target at step 1 lowers beta, then above raises
     print(f"SFT -> RM -> PPO (+ PPO with a separate RM): {time.time() - began:.1f}s")
+
+
+# --------------------------------------------------------------------------- a real reward (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # ~4 minutes on an idle 2-core machine; a busy one is several times slower
+def test_smollm2_ppo_raises_a_concise_answers_reward_model(live: LiveService) -> None:
+    """The reward model learns concise-vs-verbose (``workers/demo_data.py``) in 3 steps; PPO from
+    SmolLM2-135M-Instruct (which tends to ramble) then raises its mean score by a clear margin in
+    4 rollouts of 8 prompts while the KL stays under the alarm bound. Per step: 24 sampled tokens,
+    2 PPO epochs of one mini-batch, lr 3e-4 (LoRA r=16 on attention)."""
+    from workers.demo_data import FACTS, preference_rows
+
+    smol = "SmolLM2-135M-Instruct"
+    began = time.monotonic()
+    rm = live.run({"model": smol, "training_file": live.upload(preference_rows(), "concise.jsonl")["id"],
+                   "seed": 1, "suffix": "concise-rm",
+                   "method": {"type": "reward_model", "reward_model": {"hyperparameters": {
+                       "batch_size": 8, "max_steps": 3, "learning_rate": 1e-3, "max_length": 160}}}},
+                  timeout=900)
+    assert rm["status"] == "succeeded", rm["error"]
+    prompts = live.upload([{"prompt": q} for q, _, _ in FACTS], "questions.jsonl")["id"]
+    hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 8, "mini_batch_size": 8,
+          "max_new_tokens": 24, "ppo_epochs": 2, "max_steps": 4, "learning_rate": 3e-4,
+          "lr_scheduler": "constant", "kl_coef": 0.05, "max_length": 256}
+    done = live.run(ppo_job(smol, prompts, hp, suffix="concise"), timeout=1200)
+    took = time.monotonic() - began
+    assert done["status"] == "succeeded", done["error"]
+    scores, kl = live.metric(done["id"], "objective/scores"), live.metric(done["id"], "objective/kl")
+    length = live.metric(done["id"], "val/response_length_mean")
+    print(f"SmolLM2 RM + PPO took {took:.0f}s; objective/scores {[round(s, 3) for s in scores]}; "
+          f"objective/kl {[round(k, 3) for k in kl]}; response length {length}")
+    assert len(scores) == 4
+    assert sum(scores[-2:]) / 2 > scores[0] + 0.25, scores
+    assert all(math.isfinite(k) for k in kl) and max(kl) < 10.0, kl
+    assert not any(e["level"] == "warn" and "KL" in e["message"] for e in events(live, done["id"]))

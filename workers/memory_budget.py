@@ -92,6 +92,12 @@ class PeakMeter:
             self.baseline = current_rss()
         return self
 
+    def current(self) -> int:
+        """Bytes above the baseline now (allocated tensors on CUDA, RSS on the CPU)."""
+        if self.device.type == "cuda":
+            return max(0, torch.cuda.memory_allocated(self.device) - self.baseline)
+        return max(0, current_rss() - self.baseline)
+
     def peak(self) -> int:
         """Peak bytes above the baseline since ``start()``."""
         if self.device.type == "cuda":

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import random
 import time
 from dataclasses import dataclass, fields
@@ -243,7 +244,11 @@ class _Tally:
 
     def values(self, prefix: str = "") -> dict[str, float]:
         """TRL's DPO metrics (the definitions of ``workers.losses.dpo_metrics``) over every pair seen,
-        converted to floats in one transfer."""
+        converted to floats in one transfer. NaN when nothing was added (a rank with no evaluation slice)."""
+        if not self.parts:
+            names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                     "logps/chosen", "logps/rejected", "rewards/chosen_below_zero")
+            return {prefix + name: math.nan for name in names}
         chosen, rejected = (torch.cat(self.parts[k]).float() for k in ("chosen_rewards", "rejected_rewards"))
         named = {
             **self.weighted,
@@ -331,7 +336,7 @@ class DPORecipe:
         if not shared_layout_supported(lm.config):
             reason = f"attention {lm.config._attn_implementation!r} or a sliding window"
         else:
-            pairs = [self.pairs[i] for i in self.batches_by_epoch[0][0][:2]]
+            pairs = self.pairs[:2]
             with torch.no_grad():
                 shared, counts = self._reference_logps(self._collate(pairs, shared=True))
                 plain, _ = self._reference_logps(self._collate(pairs, shared=False))
@@ -419,9 +424,19 @@ class DPORecipe:
         return digest.hexdigest()
 
     def _splits(self) -> list[tuple[str, list[D.TokenizedPair], list[list[int]]]]:
-        splits = [("train", self.pairs, self.batches_by_epoch[0])]
-        if self.eval_pairs:
-            splits.append(("validation", self.eval_pairs, self.eval_batches))
+        """Each split with batches that cover all its pairs: the training (evaluation) batches in one
+        process, so step 1 sees bit-identical numbers; under several ranks, whose batches are slices,
+        length-sorted batches of every pair (each rank needs all pairs: epochs reshuffle them)."""
+        splits = []
+        for split, pairs, batches in (("train", self.pairs, self.batches_by_epoch[0]),
+                                      ("validation", self.eval_pairs, self.eval_batches)):
+            if not pairs:
+                continue
+            if sorted(i for indices in batches for i in indices) != list(range(len(pairs))):
+                order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+                size = self.hp.batch_size
+                batches = [order[i:i + size] for i in range(0, len(order), size)]
+            splits.append((split, pairs, batches))
         return splits
 
     def _load_reference(self, key: str, fingerprint: str) -> dict[str, Tensor] | None:
@@ -503,11 +518,12 @@ class DPORecipe:
     def evaluate(self, step: int) -> dict[str, float]:
         self.policy.eval()
         tally = _Tally()
+        total = sum(len(indices) for indices in self.eval_batches)  # this rank's share under several
         with torch.no_grad():
             for indices in self.eval_batches:
                 batch = self._collate([self.eval_pairs[i] for i in indices])
                 _, stats = self._loss(batch, self._stored("validation", indices))
-                tally.add(stats, len(indices) / len(self.eval_pairs))
+                tally.add(stats, len(indices) / total)
         self.policy.train()
         result = tally.values(prefix="eval/")
         self.last_eval = result

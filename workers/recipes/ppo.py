@@ -26,7 +26,8 @@ Features
   ``policy/approxkl_avg``, ``policy/clipfrac_avg``, ``policy/entropy_avg``, ``loss/policy_avg``,
   ``loss/value_avg``, ``val/clipfrac_avg``, ``val/ratio``: averaged over the mini-batches),
   ``val/explained_variance``, ``val/response_length_mean``, ``val/eos_rate``, ``val/num_eos_tokens``,
-  ``kl_coef``, ``episode``, ``loss``, ``time/generation``, ``time/scoring`` (reward model plus the
+  ``kl_coef``, ``episode``, ``loss``, ``objective/scores_raw`` (before ``missing_eos_penalty``),
+  ``time/generation``, ``time/scoring`` (reward model plus the
   no-grad policy/reference/value passes), ``time/optimization``.
   ``objective/entropy`` is the exact entropy of the sampling distribution summed over the response
   (TRL logs the sampled estimate ``-log p``, which has the same expectation).
@@ -39,7 +40,11 @@ Features
 - Validation prompts (``validation_file``) are rolled out without training every
   ``eval_every_steps`` and at the end (``eval/objective/scores``, ``eval/objective/kl``, ...).
 - Checkpoints and the final archive hold the policy adapter only (loads with ``peft`` like any
-  other alignd adapter, and chains into later jobs).
+  other alignd adapter, and chains into later jobs). The final event's data also carries the first
+  and last ``objective/scores`` and ``objective/kl``.
+- Shape: ``SharedBase`` (the four roles' weights), ``PPOEngine`` (rollouts and updates, no database:
+  ``bench/ppo_memory.py`` runs it too) and ``PPORecipe`` (loading, the reward model's job, the loop,
+  alarms, reporting, saving).
 
 Assumptions
 - Prompts were validated at upload: ``{"messages": [...]}`` ending with a user turn, or
