@@ -271,13 +271,16 @@ def test_rpo_adds_the_weighted_chosen_nll(live: LiveService, files: dict[str, st
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_smollm2_learns_to_prefer_concise_answers(live: LiveService) -> None:
     """Held-out preference accuracy >= 0.9 on unseen questions after a short CPU run.
 
     64 concise-vs-verbose training pairs, 32 held-out pairs on other questions (``bench/data.py``),
-    LoRA r=8 on q_proj/v_proj, batch 8, 16 steps (two epochs) at lr 5e-4. On the 2-core dev machine
-    the job takes about 2.5 minutes end to end when the machine is otherwise idle (measured: see the
-    printed duration); held-out accuracy reaches 1.0.
+    LoRA r=8 on q_proj/v_proj, batch 8, one epoch (8 steps) at lr 5e-4, beta 0.1. Measured in process
+    on the 2-core dev machine while other jobs kept its load average near 6: held-out accuracy 1.0
+    already at step 4 (margin 0.71), 1.0 at step 8 (margin 1.09); 8 steps and two evaluations took
+    618 s there (33 s a step: see ``bench/dpo_vs_trl.py``), so the timeout is generous. On an idle
+    machine the steps are several times faster. The duration of this run is printed.
     """
     train = live.upload(preference_pairs(64, "train"), "concise_train.jsonl")["id"]
     val = live.upload(preference_pairs(32, "validation"), "concise_val.jsonl")["id"]
@@ -285,8 +288,8 @@ def test_smollm2_learns_to_prefer_concise_answers(live: LiveService) -> None:
     job = live.run(dpo_job(train, val, model="SmolLM2-135M-Instruct",
                            training_type={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                                           "target_modules": ["q_proj", "v_proj"]},
-                           batch_size=8, n_epochs=2, max_length=128, learning_rate=5e-4, beta=0.1),
-                   timeout=900)
+                           batch_size=8, n_epochs=1, max_length=128, learning_rate=5e-4, beta=0.1),
+                   timeout=1800)
     took = time.monotonic() - began
     print(f"SmolLM2 DPO job took {took:.0f}s")
     assert job["status"] == "succeeded", job["error"]

@@ -342,6 +342,8 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live
     assert error["param"] == "method.ppo.hyperparameters.mini_batch_size"
     error = refused({"reward_model": rm}, training_type={"type": "full"})
     assert error["param"] == "training_type"
+    error = refused({"reward_model": rm, "max_length": 64, "max_new_tokens": 64})
+    assert error["param"] == "method.ppo.hyperparameters.max_length"
 
 
 def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService) -> None:
@@ -415,6 +417,6 @@ def test_smollm2_ppo_raises_a_concise_answers_reward_model(live: LiveService) ->
     print(f"SmolLM2 RM + PPO took {took:.0f}s; objective/scores {[round(s, 3) for s in scores]}; "
           f"objective/kl {[round(k, 3) for k in kl]}; response length {length}")
     assert len(scores) == 4
-    assert sum(scores[-2:]) / 2 > scores[0] + 0.25, scores
+    assert sum(scores[-2:]) / 2 > scores[0] + 0.2, scores  # measured: 1.03 -> 1.41 (last two)
     assert all(math.isfinite(k) for k in kl) and max(kl) < 10.0, kl
     assert not any(e["level"] == "warn" and "KL" in e["message"] for e in events(live, done["id"]))

@@ -49,6 +49,10 @@ def validate_ppo(repo: OrgRepository, settings: Settings, spec: JobCreate) -> No
         raise APIError(400, f"mini_batch_size ({hp.mini_batch_size}) cannot exceed rollout_batch_size "
                        f"({hp.rollout_batch_size})", code="invalid_request",
                        param="method.ppo.hyperparameters.mini_batch_size")
+    if hp.max_length <= hp.max_new_tokens:
+        raise APIError(400, f"max_length ({hp.max_length}) must exceed max_new_tokens ({hp.max_new_tokens}): "
+                       "prompts get max_length - max_new_tokens tokens", code="invalid_request",
+                       param="method.ppo.hyperparameters.max_length")
     if not isinstance(spec.training_type, LoraTraining):
         raise APIError(400, "PPO trains LoRA adapters (policy and value share one frozen base); "
                        "training_type 'full' is not supported", code="invalid_request", param="training_type")
