@@ -363,8 +363,12 @@ def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService) -> No
     hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 4, "mini_batch_size": 2,
           "max_new_tokens": 4, "ppo_epochs": 1, "max_steps": 2}
     prompts = live.upload(arithmetic_prompts(8, messages=True), "prompts-messages.jsonl")["id"]
-    ppo = live.run(ppo_job(sft["fine_tuned_model"], prompts, hp, suffix="chained"))
+    ppo = live.run(ppo_job(sft["fine_tuned_model"], prompts, {**hp, "eval_every_steps": 1}, suffix="chained",
+                           validation_file=prompts))
     assert ppo["status"] == "succeeded", ppo["error"]
+    evaluated = live.get(f"/v1/fine_tuning/jobs/{ppo['id']}/metrics?name=eval/objective/scores").json()["data"]
+    assert [p["step"] for p in evaluated] == [1, 2]  # every step, and not twice at the end
+    assert len(live.metric(ppo["id"], "eval/objective/kl")) == 2
     assert ppo["fine_tuned_model"].startswith(f"ft:{TINY}:acme:chained:")
     assert any("third LoRA adapter" in e["message"] for e in events(live, ppo["id"]))
     assert len(live.metric(ppo["id"], "objective/scores")) == 2

@@ -6,7 +6,10 @@ minus the RSS when measuring started. Linux lets a process reset its own peak RS
 ``/proc/self/clear_refs``); where it cannot, the peak is the process's lifetime peak and the delta
 can include earlier work. Memory a previous job freed but the allocator kept counts in the baseline,
 so in a long-lived worker the CPU delta is a lower bound; ``bench/ppo_memory.py`` measures in a fresh
-process.
+process. The reset is the same one ``workers.memory`` does when a job starts (the per-step
+``memory/host_peak_rss_bytes`` reads the same ``VmHWM``): a PPO job repeats it just before loading.
+Weights loaded from safetensors are memory-mapped and enter the RSS as they are first read, so the
+RSS right after loading can be far below one base copy; the peak includes them.
 """
 
 from __future__ import annotations

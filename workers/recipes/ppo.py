@@ -442,12 +442,11 @@ class PPOEngine:
                 stats: dict[str, float] = {}
                 finite = True
                 for micro in micros:
-                    loss, micro_stats = self._micro_loss(r, adv, torch.tensor(micro, device=self.device))
-                    if not math.isfinite(float(loss.detach())):
-                        finite = False
-                        stats["loss"] = float(loss.detach())
+                    finite, micro_stats = self._micro_backward(r, adv, torch.tensor(micro, device=self.device),
+                                                               len(micro) / len(mini))
+                    if not finite:
+                        stats["loss"] = micro_stats["loss"]
                         break
-                    (loss * len(micro) / len(mini)).backward()
                     for k, v in micro_stats.items():
                         stats[k] = stats.get(k, 0.0) + v * len(micro) / len(mini)
                 if not finite:
@@ -464,23 +463,33 @@ class PPOEngine:
         models.eval()
         return {k: v / count for k, v in totals.items()} if count else {}
 
-    def _micro_loss(self, r: Rollout, adv: dict[str, Tensor],
-                    rows: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _micro_backward(self, r: Rollout, adv: dict[str, Tensor], rows: Tensor,
+                        weight: float) -> tuple[bool, dict[str, float]]:
+        """Gradients of ``weight * (policy_loss + vf_coef * value_loss)`` on ``rows``: the policy's graph is
+        freed by its backward before the value pass builds its own, so only one is alive at a time.
+        Returns (finite, stats); a non-finite loss stops before its backward."""
         hp, models = self.hp, self.models
         ids, attention = r.sequences[rows], r.attention_mask[rows]
         response, mask = r.responses[rows], r.mask[rows]
         models.use(POLICY)
         logps, entropy = self._policy_logps(ids, attention, response, with_entropy=True)
         pg = P.policy_loss(logps, r.logps[rows], adv["advantages"][rows], mask, hp.cliprange)
+        pg_loss = float(pg.loss.detach())
+        if not math.isfinite(pg_loss):
+            return False, {"loss": pg_loss}
+        (pg.loss * weight).backward()
         values = self._values(ids, attention, response.shape[1])
         vf = P.value_loss(values, r.values[rows], adv["returns"][rows], mask, hp.cliprange_value)
-        loss = pg.loss + hp.vf_coef * vf.loss
+        vf_loss = float(vf.loss.detach())
+        if not math.isfinite(vf_loss):
+            return False, {"loss": vf_loss}
+        (hp.vf_coef * vf.loss * weight).backward()
         assert entropy is not None
-        return loss, {
-            "loss": float(loss.detach()), "loss/policy_avg": float(pg.loss.detach()),
-            "loss/value_avg": float(vf.loss.detach()), "policy/approxkl_avg": float(pg.approxkl),
-            "policy/clipfrac_avg": float(pg.clipfrac), "val/clipfrac_avg": float(vf.clipfrac),
-            "val/ratio": float(pg.ratio), "policy/entropy_avg": float(P.masked_mean(entropy, mask)),
+        return True, {
+            "loss": pg_loss + hp.vf_coef * vf_loss, "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
+            "policy/approxkl_avg": float(pg.approxkl), "policy/clipfrac_avg": float(pg.clipfrac),
+            "val/clipfrac_avg": float(vf.clipfrac), "val/ratio": float(pg.ratio),
+            "policy/entropy_avg": float(P.masked_mean(entropy, mask)),
         }
 
     def _nan(self, loss: float, step: int) -> None:
@@ -688,8 +697,8 @@ class PPORecipe:
             every = hp.checkpoint_every_steps
             if every and step % every == 0 and step < self.total_steps:
                 self.save_checkpoint(step, last)
-        if self.eval_prompts:
-            self.evaluate(step)
+        if self.eval_prompts and not (hp.eval_every_steps and step % hp.eval_every_steps == 0):
+            self.evaluate(step)  # unless the loop just did
         self.save_checkpoint(step, last)
         key = self._save_policy(final_adapter_key(ctx.job_id))
         memory = self.memory_report()
