@@ -8,8 +8,10 @@ a LoRA on the same base is a third adapter plus its score head.
 
 For each model, one child process (multiprocessing "spawn", so nothing else lives in it) starts the
 meter, loads the base, builds the shared base with the three adapters and runs ``--steps`` real PPO
-steps of ``PPOEngine`` (the recipe's own rollout and update code): rollouts of 8 prompts from
-``workers/demo_data.py``, up to 32 new tokens, 2 PPO epochs in mini-batches of 4. The reward adapter
+steps of ``PPOEngine`` (the recipe's own rollout and update code): rollouts of ``--rollout`` (8)
+prompts from ``workers/demo_data.py``, up to ``--new-tokens`` (32) new tokens, 2 PPO epochs in
+mini-batches of ``--mini-batch`` (4). A small shape (``--rollout 2 --mini-batch 1 --new-tokens 8``)
+shows what the weights cost once activations are nearly gone. The reward adapter
 is an untrained SEQ_CLS LoRA (random B, random head) written by the parent first: its numbers do not
 matter, its memory does.
 
@@ -20,7 +22,8 @@ RSS (``VmHWM``, reset at the start) above the RSS before loading. One base copy:
 the bytes of the base's parameters and buffers (fp32 on the CPU, bf16 on a bf16 GPU). The seed's
 arithmetic: 4 x that.
 
-Run: ``.venv/bin/python bench/ppo_memory.py [--models tiny-random-llama SmolLM2-135M-Instruct] [--steps 2]``.
+Run: ``.venv/bin/python bench/ppo_memory.py [--models tiny-random-llama SmolLM2-135M-Instruct] [--steps 2]
+[--rollout 8] [--mini-batch 4] [--new-tokens 32]``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def write_reward_adapter(model: str, out: Path) -> Path:
     return out
 
 
-def measure(model: str, reward_dir: str, steps: int) -> dict[str, Any]:
+def measure(model: str, reward_dir: str, steps: int, shape: dict[str, int]) -> dict[str, Any]:
     """Runs in a fresh child process: the meter starts before anything is loaded."""
     import torch
 
@@ -87,8 +90,7 @@ def measure(model: str, reward_dir: str, steps: int) -> dict[str, Any]:
     from workers.recipes.ppo import POLICY, PPOEngine, SharedBase, eos_token_ids, prompt_ids
     from workers.training import make_accelerator
 
-    hp = PpoHyperparameters(reward_model="bench", rollout_batch_size=8, mini_batch_size=4, max_new_tokens=32,
-                            ppo_epochs=2, learning_rate=1e-5, max_length=256)
+    hp = PpoHyperparameters(reward_model="bench", ppo_epochs=2, learning_rate=1e-5, max_length=256, **shape)
     accelerator = make_accelerator(hp)
     device = accelerator.device
     path = resolve_base_model(model, _settings())
@@ -115,47 +117,51 @@ def measure(model: str, reward_dir: str, steps: int) -> dict[str, Any]:
         times.append(time.perf_counter() - began)
     models.use(POLICY)
     adapters = parameter_bytes(models) - base_bytes
-    return {"model": model, "device": str(device), "dtype": str(base.dtype).replace("torch.", ""),
+    return {"model": model, "shape": shape, "device": str(device), "dtype": str(base.dtype).replace("torch.", ""),
             "parameters": params, "base_bytes": base_bytes, "adapter_bytes": adapters,
             "loaded_bytes": loaded, "peak_bytes": meter.peak(), "measured": meter.kind,
             "seconds_per_step": sum(times) / len(times)}
 
 
-def _child(queue: Any, model: str, reward_dir: str, steps: int) -> None:
+def _child(queue: Any, model: str, reward_dir: str, steps: int, shape: dict[str, int]) -> None:
     try:
-        queue.put(measure(model, reward_dir, steps))
+        queue.put(measure(model, reward_dir, steps, shape))
     except Exception as exc:  # noqa: BLE001 - report, do not hang the parent
         queue.put({"model": model, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def run(model: str, steps: int) -> dict[str, Any]:
+def run(model: str, steps: int, shape: dict[str, int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         reward_dir = write_reward_adapter(model, Path(tmp) / "reward")
         context = mp.get_context("spawn")
         queue = context.Queue()
-        proc = context.Process(target=_child, args=(queue, model, str(reward_dir), steps))
+        proc = context.Process(target=_child, args=(queue, model, str(reward_dir), steps, shape))
         proc.start()
         result: dict[str, Any] = queue.get()
         proc.join()
     return result
 
 
+def shape_text(shape: dict[str, int]) -> str:
+    return f"{shape['rollout_batch_size']} / {shape['mini_batch_size']} / {shape['max_new_tokens']}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | device, dtype | parameters | one base copy | adapters (3 LoRA + heads) "
-             "| after loading | measured peak | peak / one copy | seed's four copies (4 x params x bytes) "
-             "| s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | rollout / mini-batch / new tokens | device, dtype | parameters | one base copy "
+             "| adapters (3 LoRA + heads) | after loading | measured peak | peak / one copy "
+             "| seed's four copies (4 x params x bytes) | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} ||||||||")
+            lines.append(f"| {r['model']} | failed: {r['error']} |||||||||")
             continue
         lines.append(
-            f"| {r['model']} | {r['device']}, {r['dtype']} | {r['parameters'] / 1e6:.1f} M "
+            f"| {r['model']} | {shape_text(r['shape'])} | {r['device']}, {r['dtype']} | {r['parameters'] / 1e6:.1f} M "
             f"| {r['base_bytes'] / MIB:.0f} MiB | {r['adapter_bytes'] / MIB:.1f} MiB "
             f"| {r['loaded_bytes'] / MIB:.0f} MiB | {r['peak_bytes'] / MIB:.0f} MiB ({r['measured']}) "
             f"| {r['peak_bytes'] / r['base_bytes']:.2f} "
             f"| {4 * r['base_bytes'] / MIB:.0f} MiB | {r['seconds_per_step']:.1f} |")
-    lines.append(f"| 7B (arithmetic) | fp32 / bf16 | 7000 M | {SEED_7B_PARAMS * 4 / GB:.0f} / "
+    lines.append(f"| 7B (arithmetic) | - | fp32 / bf16 | 7000 M | {SEED_7B_PARAMS * 4 / GB:.0f} / "
                  f"{SEED_7B_PARAMS * 2 / GB:.0f} GB | - | - | - | - | {4 * SEED_7B_PARAMS * 4 / GB:.0f} / "
                  f"{4 * SEED_7B_PARAMS * 2 / GB:.0f} GB (the seed quotes ~160 GB) | - |")
     return "\n".join(lines)
@@ -165,8 +171,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rollout", type=int, default=8, help="rollout_batch_size")
+    parser.add_argument("--mini-batch", type=int, default=4, help="mini_batch_size")
+    parser.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens")
     args = parser.parse_args()
-    results = [run(model, args.steps) for model in args.models]
+    shape = {"rollout_batch_size": args.rollout, "mini_batch_size": args.mini_batch,
+             "max_new_tokens": args.new_tokens}
+    results = [run(model, args.steps, shape) for model in args.models]
     print(table(results))
 
 

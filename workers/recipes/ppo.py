@@ -36,7 +36,8 @@ Features
   mini-batch's update and is counted, and the third one fails the job with ``nan_loss``.
 - Memory: the peak (CUDA ``max_memory_allocated``, or the peak RSS above the RSS before loading on
   the CPU) against the bytes of one copy of the base weights, in the final event's data
-  (``memory``), next to the four-copies arithmetic (policy, reference, reward, value).
+  (``memory``), next to the four-copies arithmetic (policy, reference, reward, value). The policy's
+  backward runs before the value pass builds its graph, so one set of activations is alive at a time.
 - Validation prompts (``validation_file``) are rolled out without training every
   ``eval_every_steps`` and at the end (``eval/objective/scores``, ``eval/objective/kl``, ...).
 - Checkpoints and the final archive hold the policy adapter only (loads with ``peft`` like any
