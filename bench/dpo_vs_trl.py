@@ -44,7 +44,6 @@ The CPU is shared with whatever else runs on the machine: timings on a busy mach
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -87,65 +86,21 @@ def _rows() -> list[dict[str, Any]]:
     return preference_pairs(N_PAIRS, split="train", seed=SEED)
 
 
-class _Reporter:
-    """The reporter interface the recipe uses, into lists, with a timestamp per optimizer step."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-        self.stamps: list[float] = []
-
-    is_main = True
-
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
-              type: str = "message") -> None:  # noqa: A002 - the Reporter's signature
-        self.events.append(message)
-
-    def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
-        self.stamps.append(time.perf_counter())
-        self.metrics.append((step, dict(values)))
-
-    def metrics_only(self, step: int, values: dict[str, float]) -> None:
-        self.metrics.append((step, dict(values)))
-
-    def progress(self, *, step: int, total_steps: int) -> None:
-        if step == 0:
-            self.stamps = [time.perf_counter()]
-
-    def checkpoint(self, step: int, metrics: dict[str, float], storage_key: str) -> None:
-        pass
-
-    def should_stop(self, *, min_interval: float = 0.5) -> bool:
-        return False
-
-    def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
-        return None
-
-    def resumed(self, step: int) -> None:
-        pass
-
-
 def _alignd_recipe(workdir: Path, steps: int) -> Any:
     """alignd's DPO recipe, set up in-process on a local object store (no service, no database)."""
-    from service.jobs.spec import DpoHyperparameters, DpoMethod, LoraTraining, Method
-    from service.storage import LocalStore
-    from workers.context import JobContext
+    from service.jobs.spec import DpoHyperparameters, LoraTraining
+    from workers.local import MemoryReporter, local_context, method_of
     from workers.recipes.dpo import DPORecipe
 
-    store = LocalStore(workdir / "objects")
-    store.put_bytes("files/train", ("\n".join(json.dumps(r) for r in _rows()) + "\n").encode())
     hp = DpoHyperparameters(batch_size=CONFIG["batch_size"], max_length=CONFIG["max_length"],
                             beta=CONFIG["beta"], loss_type="sigmoid", learning_rate=CONFIG["learning_rate"],
                             max_steps=steps, lr_scheduler="linear", max_grad_norm=CONFIG["max_grad_norm"],
                             gradient_checkpointing=False, precompute_ref_log_probs=False)
-    ctx = JobContext(
-        job_id="ftjob-bench", organization_name="bench", model=MODEL, base_model=MODEL,
-        parent_adapter_keys=[], method=Method(type="dpo", dpo=DpoMethod(hyperparameters=hp)),
-        training_type=LoraTraining(r=CONFIG["lora_r"], alpha=CONFIG["lora_alpha"],
-                                   dropout=CONFIG["lora_dropout"],
+    ctx = local_context(
+        workdir, model=MODEL, method=method_of("dpo", hp), job_id="ftjob-bench", seed=SEED,
+        training_type=LoraTraining(r=CONFIG["lora_r"], alpha=CONFIG["lora_alpha"], dropout=CONFIG["lora_dropout"],
                                    target_modules=list(CONFIG["target_modules"])),
-        seed=SEED, suffix=None, training_file_key="files/train", validation_file_key=None,
-        settings=_settings(), store=store, reporter=_Reporter(), workdir=workdir)  # type: ignore[arg-type]
+        training_rows=_rows(), settings=_settings(), reporter=MemoryReporter())
     recipe = DPORecipe(ctx)
     recipe.setup()
     return recipe
@@ -156,13 +111,14 @@ def _tokenizer_and_batches() -> tuple[Any, list[list[int]]]:
     (the TRL child must not hold alignd's copy of the weights)."""
     from workers import data as D
     from workers.base_models import load_tokenizer, resolve_base_model
+    from workers.batching import length_bucketed_batches
 
     tokenizer = load_tokenizer(resolve_base_model(MODEL, _settings()))
     pairs = [D.tokenize_preference(D.normalize_preference(row), tokenizer, CONFIG["max_length"])
              for row in _rows()]
     lengths = [len(p) for p in pairs if p is not None]
     assert len(lengths) == N_PAIRS
-    return tokenizer, D.length_bucketed_batches(lengths, CONFIG["batch_size"], seed=SEED)
+    return tokenizer, length_bucketed_batches(lengths, CONFIG["batch_size"], seed=SEED)
 
 
 def _trl_rows(tokenizer: Any, batches: list[list[int]]) -> list[dict[str, str]]:
@@ -272,7 +228,7 @@ def _time_alignd(workdir: Path, steps: int) -> dict[str, Any]:
     reporter = recipe.ctx.reporter
     assert result.status == "succeeded", result
     return {"step_times": [b - a for a, b in zip(reporter.stamps, reporter.stamps[1:], strict=False)],
-            "losses": [m["loss"] for _, m in reporter.metrics if "loss" in m],
+            "losses": reporter.series("loss"),
             "peak_rss": _peak_rss_bytes(), "shared_layout": bool(recipe.shared_layout)}
 
 

@@ -2,7 +2,7 @@
 
 The seed's PPO keeps four models in memory: the policy, a frozen reference, the reward model and the
 value function, each a full copy of the weights ("about 160 GB for a 7B model"). alignd's recipe
-(``workers/recipes/ppo.py``) keeps one frozen base: policy and value are LoRA adapters on it (the value
+(``workers/recipes/rl/``) keeps one frozen base: policy and value are LoRA adapters on it (the value
 head a linear layer), the reference is the base with adapters disabled, and a reward model trained as
 a LoRA on the same base is a third adapter plus its score head.
 
@@ -63,13 +63,13 @@ def write_reward_adapter(model: str, out: Path) -> Path:
 
     from service.jobs.spec import LoraTraining
     from workers.base_models import load_tokenizer, resolve_base_model
-    from workers.recipes.reward_model import apply_reward_training_type, load_sequence_classifier
+    from workers.modeling import apply_training_type, load_sequence_classifier
 
     path = resolve_base_model(model, _settings())
     tokenizer = load_tokenizer(path)
     torch.manual_seed(0)
-    rm = apply_reward_training_type(load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id),
-                                    LoraTraining(), seed=0)
+    rm = apply_training_type(load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id),
+                             LoraTraining(), seed=0, task_type="SEQ_CLS")
     with torch.no_grad():
         for name, p in rm.named_parameters():
             if "lora_B" in name:
@@ -84,38 +84,42 @@ def measure(model: str, reward_dir: str, steps: int, shape: dict[str, int]) -> d
 
     from service.jobs.spec import LoraTraining, PpoHyperparameters
     from workers.base_models import load_tokenizer, resolve_base_model
+    from workers.data import prompt_ids
     from workers.demo_data import FACTS
-    from workers.memory_budget import PeakMeter, parameter_bytes, parameter_count
-    from workers.modeling import load_causal_lm, pick_dtype
-    from workers.recipes.ppo import POLICY, PPOEngine, SharedBase, eos_token_ids, prompt_ids
-    from workers.training import make_accelerator
+    from workers.loop import Optimization, make_accelerator, make_optimizer
+    from workers.memory import PeakMeter, parameter_bytes, parameter_count
+    from workers.modeling import choose_precision, disable_dropout, eos_token_ids, load_causal_lm
+    from workers.recipes.rl.engine import AdapterReward, PPOEngine, Prompt
+    from workers.recipes.rl.models import SharedBase
 
     hp = PpoHyperparameters(reward_model="bench", ppo_epochs=2, learning_rate=1e-5, max_length=256, **shape)
-    accelerator = make_accelerator(hp)
+    precision = choose_precision(LoraTraining())
+    accelerator = make_accelerator(hp, precision)
     device = accelerator.device
     path = resolve_base_model(model, _settings())
     tokenizer = load_tokenizer(path)
     conversations = [[{"role": "user", "content": q}] for q, _, _ in FACTS]
-    prompts = [(messages, prompt_ids(messages, tokenizer, 200)) for messages in conversations]
+    prompts = [Prompt(messages, prompt_ids(messages, tokenizer, 200)) for messages in conversations]
     torch.manual_seed(0)
     meter = PeakMeter(device).start()
-    base = load_causal_lm(path, pick_dtype(device))
+    base = load_causal_lm(path, precision.weights)
     base.requires_grad_(False)
     base_bytes, params = parameter_bytes(base), parameter_count(base)
     models = SharedBase(base, LoraTraining(), seed=0)
     models.add_reward_adapter(Path(reward_dir))
     models.to(device)
-    engine = PPOEngine(models, tokenizer, hp, accelerator=accelerator, eos_ids=eos_token_ids(base, tokenizer),
-                       total_steps=steps, seed=0)
+    disable_dropout(models)
+    optimizer, scheduler = make_optimizer(models.trainable, hp, steps * PPOEngine.updates_per_step(hp))
+    optim = Optimization(accelerator, optimizer, scheduler, models.trainable, hp.max_grad_norm)
+    engine = PPOEngine(models, tokenizer, hp, accelerator=accelerator, optim=optim,
+                       eos_ids=eos_token_ids(base, tokenizer), reward=AdapterReward(models, accelerator), seed=0)
     loaded = meter.current()
     times = []
     for step in range(steps):
         began = time.perf_counter()
         batch = prompts[step * hp.rollout_batch_size:(step + 1) * hp.rollout_batch_size]
-        rollout, _ = engine.rollout(batch)
-        engine.optimize(rollout, engine.advantages(rollout), step + 1)
+        engine.step(batch, step + 1)
         times.append(time.perf_counter() - began)
-    models.use(POLICY)
     adapters = parameter_bytes(models) - base_bytes
     return {"model": model, "shape": shape, "device": str(device), "dtype": str(base.dtype).replace("torch.", ""),
             "parameters": params, "base_bytes": base_bytes, "adapter_bytes": adapters,

@@ -5,8 +5,8 @@ The estimate is arithmetic on the base model's ``config.json`` (shipped for the 
 job's spec. It is the memory of **one device** (a GPU, or the host for a CPU worker) and follows
 what the recipes actually do:
 
-* **Weights** are loaded in bf16 on a GPU (``workers.modeling.pick_dtype``): 2 bytes a parameter
-  a copy. Copies by method (``METHOD_COPIES``):
+* **Weights** of a LoRA job are loaded in bf16 on a GPU (``workers.modeling.choose_precision``): 2 bytes
+  a parameter a copy. Copies by method (``METHOD_COPIES``):
 
   ====================  =====  =====  ==============================================================
   method                LoRA   full   roles
@@ -36,7 +36,7 @@ what the recipes actually do:
   in one forward) or PPO's ``mini_batch_size`` through both the policy and the value model, each
   of ``max_length`` tokens (or less when the file's analysis shows shorter examples). Under N-GPU
   data parallelism each device takes ``ceil(batch / N)``.
-* **Logits** only on completion tokens (``SequenceLogps``; taken as half the tokens): bf16 logits
+* **Logits** only on completion tokens (``workers.pairs.PairLogps``; taken as half the tokens): bf16 logits
   + fp32 log-softmax + fp32 gradient = 10 bytes × vocabulary per token. Reward models score one
   position and have none.
 * **PPO rollouts** add a KV cache of ``rollout_batch_size × max_length`` tokens.

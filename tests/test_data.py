@@ -16,13 +16,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase  # noqa: 
 
 from service.settings import Settings  # noqa: E402
 from workers.base_models import TINY_RANDOM_LLAMA, load_tokenizer, resolve_base_model  # noqa: E402
+from workers.batching import collate_pairs, collate_supervised, length_bucketed_batches  # noqa: E402
 from workers.data import (  # noqa: E402
     ChatTemplateError,
     PreferencePair,
-    collate_pairs,
-    collate_supervised,
     encode_segments,
-    length_bucketed_batches,
     normalize_preference,
     normalize_supervised,
     tokenize_preference,

@@ -9,7 +9,6 @@ can write down: sigmoid ln 2, IPO ``(0 - 1/(2 beta))**2``, hinge ``relu(1 - 0) =
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -20,11 +19,11 @@ import pytest
 import torch
 
 from bench.data import preference_pairs
-from service.jobs.spec import DpoHyperparameters, DpoMethod, LoraTraining, Method
+from service.jobs.spec import DpoHyperparameters, LoraTraining
 from service.settings import Settings
 from service.storage import LocalStore
 from tests.conftest import MODEL_CACHE, PREFERENCE_ROWS, LiveService
-from workers.context import JobContext
+from workers.local import local_context, method_of
 from workers.losses import DPOLossOutput, dpo_metrics
 
 LN2 = math.log(2)
@@ -34,55 +33,16 @@ TINY = "tiny-random-llama"
 # --------------------------------------------------------------------------- in-process helpers
 
 
-class ListReporter:
-    """The reporter interface a recipe uses, into lists."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any] | None]] = []
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    is_main = True
-
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
-              type: str = "message") -> None:  # noqa: A002 - the Reporter's signature
-        self.events.append((message, data))
-
-    def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
-        self.metrics.append((step, dict(values)))
-
-    def metrics_only(self, step: int, values: dict[str, float]) -> None:
-        self.metrics.append((step, dict(values)))
-
-    def progress(self, *, step: int, total_steps: int) -> None:
-        pass
-
-    def checkpoint(self, step: int, metrics: dict[str, float], storage_key: str) -> None:
-        pass
-
-    def should_stop(self, *, min_interval: float = 0.5) -> bool:
-        return False
-
-    def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
-        return None
-
-    def resumed(self, step: int) -> None:
-        pass
-
-
 def recipe_for(tmp_path: Path, job_id: str = "ftjob-test", **hyperparameters: Any) -> Any:
     """A DPO recipe on tiny-random-llama over a local store in ``tmp_path``, set up, not trained."""
     from workers.recipes.dpo import DPORecipe
 
-    store = LocalStore(tmp_path / "objects")
-    store.put_bytes("files/train", "".join(json.dumps(r) + "\n" for r in PREFERENCE_ROWS).encode())
-    store.put_bytes("files/val", "".join(json.dumps(r) + "\n" for r in PREFERENCE_ROWS[:5]).encode())
     hp = DpoHyperparameters(**{"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, **hyperparameters})
-    ctx = JobContext(job_id=job_id, organization_name="acme", model=TINY, base_model=TINY,
-                     parent_adapter_keys=[], method=Method(type="dpo", dpo=DpoMethod(hyperparameters=hp)),
-                     training_type=LoraTraining(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=3,
-                     suffix=None, training_file_key="files/train", validation_file_key="files/val",
-                     settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE),
-                     store=store, reporter=ListReporter(), workdir=tmp_path)  # type: ignore[arg-type]
+    ctx = local_context(tmp_path, model=TINY, method=method_of("dpo", hp), job_id=job_id,
+                        training_type=LoraTraining(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=3,
+                        training_rows=PREFERENCE_ROWS, validation_rows=PREFERENCE_ROWS[:5],
+                        settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE),
+                        store=LocalStore(tmp_path / "objects"))
     recipe = DPORecipe(ctx)
     recipe.setup()
     return recipe
@@ -101,7 +61,7 @@ def randomise_lora(recipe: Any) -> None:
 
 def test_shared_prompt_layout_gives_the_plain_layouts_log_probs(tmp_path: Path) -> None:
     """One row per pair (prompt once) == the padded [chosen..., rejected...] batch, with LoRA non-zero."""
-    from workers.recipes.dpo import collate_plain, collate_shared
+    from workers.pairs import collate_plain, collate_shared
 
     recipe = recipe_for(tmp_path)
     assert recipe.shared_layout
@@ -123,7 +83,7 @@ def test_shared_prompt_layout_gives_the_plain_layouts_log_probs(tmp_path: Path) 
 def test_shared_prompt_layout_when_the_completions_share_their_first_tokens(tmp_path: Path) -> None:
     """The common prefix may run into the completions; their shared tokens still count on both sides."""
     from workers import data as D
-    from workers.recipes.dpo import collate_plain, collate_shared
+    from workers.pairs import collate_plain, collate_shared
 
     recipe = recipe_for(tmp_path)
     randomise_lora(recipe)
@@ -183,7 +143,7 @@ def test_precomputed_reference_is_stored_by_pair_and_reused(tmp_path: Path) -> N
         live_ref, _ = first._reference_logps(first._collate(first.pairs[5:6]))
     assert stored["train"][5].tolist() == pytest.approx(live_ref.tolist(), abs=1e-4)
     assert any(m.startswith("Precomputed reference log-probs") and d and d["seconds"] >= 0
-               for m, d in first.ctx.reporter.events)
+               for m, _, d in first.ctx.reporter.events)
 
     second = recipe_for(tmp_path, precompute_ref_log_probs=True)
     calls = 0
@@ -197,9 +157,9 @@ def test_precomputed_reference_is_stored_by_pair_and_reused(tmp_path: Path) -> N
     second._reference_logps = counting
     assert second.train().status == "succeeded"
     assert calls == 0
-    events = [message for message, _ in second.ctx.reporter.events]
+    events = second.ctx.reporter.messages()
     assert any(m.startswith("Reusing the precomputed reference log-probs") for m in events)
-    losses = [[m["loss"] for _, m in r.ctx.reporter.metrics if "loss" in m] for r in (first, second)]
+    losses = [r.ctx.reporter.series("loss") for r in (first, second)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0][0] == pytest.approx(LN2, abs=1e-6)
 
 

@@ -7,7 +7,8 @@ import torch
 from service.db.engine import session_scope
 from service.db.models import Job
 from tests.conftest import Api
-from workers.tasks import is_out_of_memory, out_of_memory_error, worker_state
+from workers.runner import is_out_of_memory, out_of_memory_error
+from workers.tasks import worker_state
 
 
 def test_out_of_memory_error_is_actionable(sqlite_api: Api) -> None:

@@ -4,7 +4,8 @@ constitutional self-critique, on tiny-random-llama through one real worker for t
 * a reward model trained on a few steps judges k=3 samples per prompt; the output is a processed
   preference file (one line per kept prompt, scores kept, chosen >= rejected + min_margin) listed in
   the job's ``result_files``, and a DPO job trains on it;
-* constitution mode writes a valid file (the random model's text is gibberish: structure only);
+* constitution mode writes a valid file (the random model's text is gibberish: structure only), and
+  with a judge it keeps exactly the revisions the judge (scored independently here) prefers;
 * ``min_margin`` too high drops every pair: the job fails with ``no_pairs_kept`` and counts the drops;
 * the 400s: neither judge nor constitution, an empty constitution, a judge that is a base model, not
   a reward model, another organization's or not finished; a preference file as input.
@@ -12,21 +13,22 @@ constitutional self-critique, on tiny-random-llama through one real worker for t
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.datasets.validation import DatasetKind, compatible_kinds, validate_jsonl
-from tests.conftest import Api, LiveService, jsonl
-from workers.recipes.generate_preferences import best_over_worst, output_filename, preference_line
+from tests.conftest import MODEL_CACHE, Api, LiveService, jsonl
+from workers.recipes.generate_preferences import best_over_worst, drop_reason, output_filename, preference_line
 
 TINY = "tiny-random-llama"
 PARAM = "method.generate_preferences.hyperparameters"
 JUDGE_PARAM = f"{PARAM}.judge"
-#: ids the live tests hand on to each other (one worker serves the module)
-SHARED: dict[str, Any] = {}
 
 
 def prompts_rows(n: int) -> list[dict[str, Any]]:
@@ -89,6 +91,19 @@ def test_output_lines_are_valid_preference_data_with_scores() -> None:
 def test_best_over_worst_picks_two_different_responses() -> None:
     assert best_over_worst(["a", "b", "c"], [0.1, 0.9, -0.3]) == (1, 2)
     assert best_over_worst(["a", "b"], [0.5, 0.5]) == (0, 1)  # a tie still gives a pair
+
+
+def test_drop_reasons() -> None:
+    assert drop_reason("", "x", None, revised=False, min_margin=0) == "empty"
+    assert drop_reason("same", "same", (1.0, 0.0), revised=False, min_margin=0) == "identical"
+    # a revision must out-score its original; a tie is not a preference
+    assert drop_reason("new", "old", (0.2, 0.3), revised=True, min_margin=0) == "judge"
+    assert drop_reason("new", "old", (0.3, 0.3), revised=True, min_margin=0) == "judge"
+    assert drop_reason("new", "old", (0.4, 0.3), revised=True, min_margin=0) is None
+    assert drop_reason("new", "old", (0.4, 0.3), revised=True, min_margin=0.5) == "margin"
+    # best over worst of k samples: a tie is kept unless a margin is asked for
+    assert drop_reason("a", "b", (0.3, 0.3), revised=False, min_margin=0) is None
+    assert drop_reason("a", "b", (0.3, 0.2), revised=False, min_margin=0.2) == "margin"
 
 
 def test_creation_rules_without_a_judge(sqlite_api: Api) -> None:
@@ -184,14 +199,11 @@ def test_judge_generation_writes_a_preference_file_a_dpo_job_trains_on(live: Liv
     assert not any("New fine-tuned model" in e["message"] for e in log)
     models = {m["id"] for m in live.get("/v1/models").json()["data"]}
     assert not any(job["id"] in m for m in models)
-    SHARED["preference_file"] = file_id
-
     dpo = live.run({"model": TINY, "training_file": file_id, "seed": 3, "method": {"type": "dpo", "dpo": {
         "hyperparameters": {"batch_size": 4, "max_steps": 2, "max_length": 128}}}})
     assert dpo["status"] == "succeeded", dpo["error"]
     assert dpo["fine_tuned_model"] and dpo["result_files"] == []
     assert len(live.metric(dpo["id"], "loss")) == 2
-    SHARED["dpo_model"] = dpo["fine_tuned_model"]
 
 
 def test_constitution_mode_writes_revised_over_original(live: LiveService) -> None:
@@ -212,19 +224,43 @@ def test_constitution_mode_writes_revised_over_original(live: LiveService) -> No
     assert last_metric(live, job["id"], "pairs/generated") == 3 * 4  # original, critique, revision
 
 
-def test_constitution_with_a_judge_keeps_only_revisions_the_judge_prefers(live: LiveService,
-                                                                         judge: str) -> None:
-    hp = {"constitution": ["Be concise."], "judge": judge, "max_new_tokens": 6, "max_length": 128}
-    job = live.run(generation_job(live.upload(prompts_rows(6), "cai-judge.jsonl")["id"], hp))
-    dropped_judge = last_metric(live, job["id"], "pairs/dropped_judge")
-    kept = last_metric(live, job["id"], "pairs/kept")
-    assert kept + dropped_judge + sum(last_metric(live, job["id"], f"pairs/dropped_{r}")
-                                      for r in ("identical", "empty", "margin")) == 6
-    if job["status"] == "succeeded":
-        lines = content_lines(live, job["result_files"][0])
-        assert len(lines) == kept and all(line["chosen_score"] > line["rejected_score"] for line in lines)
-    else:  # the random judge preferred no revision (the seed decides; either outcome is checked)
-        assert job["error"]["code"] == "no_pairs_kept" and kept == 0 and dropped_judge > 0
+def judge_scores(live: LiveService, judge: str, tmp: Path, items: list[tuple[Any, str]]) -> list[float]:
+    """The judge's scores computed here, from its downloaded archive (independently of the worker)."""
+    from workers.reward_scoring import load_reward_model, score
+
+    job_id = judge.rsplit(":", 1)[-1]
+    with tarfile.open(fileobj=io.BytesIO(live.get(f"/v1/fine_tuning/jobs/{job_id}/adapter").content)) as tar:
+        tar.extractall(tmp / "judge", filter="data")
+    model, tokenizer = load_reward_model(MODEL_CACHE / TINY, tmp / "judge")
+    return [float(v) for v in score(model, tokenizer, items).tolist()]
+
+
+def test_constitution_with_a_judge_keeps_exactly_the_revisions_the_judge_prefers(
+        live: LiveService, judge: str, tmp_path: Path) -> None:
+    """Generation is seeded, so the same job without a judge writes the same (revision, original) pairs;
+    scoring those here tells which ones the judged job must keep."""
+    prompts = live.upload(prompts_rows(6), "cai-judge.jsonl")["id"]
+    hp = {"constitution": ["Be concise."], "max_new_tokens": 6, "max_length": 128}
+    plain = live.run(generation_job(prompts, hp))
+    assert plain["status"] == "succeeded", plain["error"]
+    candidates = content_lines(live, plain["result_files"][0])
+    scores = judge_scores(live, judge, tmp_path, [(line["prompt"], line["chosen"][0]["content"])
+                                                  for line in candidates]
+                          + [(line["prompt"], line["rejected"][0]["content"]) for line in candidates])
+    preferred = [line for i, line in enumerate(candidates) if scores[i] > scores[len(candidates) + i]]
+    assert len(candidates) > 0
+
+    judged = live.run(generation_job(prompts, {**hp, "judge": judge}))
+    kept = last_metric(live, judged["id"], "pairs/kept")
+    assert kept == len(preferred)
+    assert last_metric(live, judged["id"], "pairs/dropped_judge") == len(candidates) - len(preferred)
+    if preferred:
+        assert judged["status"] == "succeeded", judged["error"]
+        lines = content_lines(live, judged["result_files"][0])
+        assert [line["chosen"] for line in lines] == [line["chosen"] for line in preferred]
+        assert all(line["chosen_score"] > line["rejected_score"] for line in lines)
+    else:
+        assert judged["status"] == "failed" and judged["error"]["code"] == "no_pairs_kept"
 
 
 def test_min_margin_dropping_everything_fails_with_no_pairs_kept(live: LiveService, judge: str) -> None:
@@ -239,6 +275,11 @@ def test_min_margin_dropping_everything_fails_with_no_pairs_kept(live: LiveServi
 
 def test_judge_must_be_a_succeeded_reward_model_of_this_organization(live: LiveService, judge: str) -> None:
     prompts = live.upload(prompts_rows(2), "p.jsonl")["id"]
+    sft = live.run({"model": TINY, "training_file": live.upload(
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}] * 4,
+        "sft.jsonl")["id"], "suffix": "not-a-judge", "method": {"type": "supervised", "supervised": {
+            "hyperparameters": {"max_steps": 1}}}})
+    assert sft["status"] == "succeeded", sft["error"]
 
     def refused(hp: dict[str, Any], headers: dict[str, str] | None = None,
                 training_file: str = prompts) -> Any:
@@ -249,8 +290,7 @@ def test_judge_must_be_a_succeeded_reward_model_of_this_organization(live: LiveS
         assert error["param"] == JUDGE_PARAM, error
         return error
 
-    if "dpo_model" in SHARED:
-        assert refused({"judge": SHARED["dpo_model"]})["code"] == "reward_model_not_a_reward_model"
+    assert refused({"judge": sft["fine_tuned_model"]})["code"] == "reward_model_not_a_reward_model"
     other = live.api.key("globex")
     theirs = live.api.client.post("/v1/files", headers=other, data={"purpose": "fine-tune"},
                                   files={"file": ("p.jsonl", jsonl(prompts_rows(2)))}).json()["id"]

@@ -1,4 +1,4 @@
-"""PPO's pieces on numbers worked by hand (``workers.ppo_core``)."""
+"""PPO's pieces on numbers worked by hand (``workers.recipes.rl.core``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workers.ppo_core import (
+from workers.recipes.rl.core import (
     AdaptiveKLController,
     FixedKLController,
     NanGuard,

@@ -1,19 +1,19 @@
-"""PPO (RLHF): the shared-base plumbing on a tiny model, and real jobs through one real worker.
+"""PPO (RLHF) through one real worker: reward models and PPO jobs on tiny-random-llama.
 
-The known-answer tests of the PPO math are in ``test_ppo_core.py``. Here:
-
-* log-probs recomputed after sampling equal the sampler's own (left-padded prompts included), and a
-  reward model loaded as a third adapter on the shared base scores exactly like the merged model;
-* through the module's worker (``live``): a reward model trained on "short answers preferred", a
-  PPO job whose mean score rises, the 4xx answers for a bad ``reward_model``, and the seed's
-  pipeline SFT -> reward model -> PPO as chained jobs;
-* (slow) SmolLM2-135M-Instruct: a reward model trained on concise-vs-verbose pairs, and PPO raising
-  its mean score by a clear margin while the KL stays under the alarm bound.
+The in-process tests of the shared base and the engine are in ``test_rl_engine.py`` and the
+known-answer tests of the math in ``test_ppo_core.py``. Here, through the module's worker (``live``):
+a reward model trained on "short answers preferred", a PPO job whose mean score rises, the 4xx
+answers for a bad ``reward_model``, and the seed's pipeline SFT -> reward model -> PPO as chained
+jobs; and (slow) SmolLM2-135M-Instruct: a reward model trained on concise-vs-verbose pairs, and PPO
+raising its mean score by a clear margin while the KL stays under the alarm bound.
 
 Why ``temperature`` 0.1 on tiny-random-llama: its output embedding is tied to the input embedding
 (std 0.02) behind an RMSNorm, so every logit lies within about +-1.3 and the temperature-1
 distribution is nearly uniform over 49k tokens whatever LoRA does to attention. Sampling at 0.1
 gives the policy logits a range it can actually move.
+
+The jobs other tests build on (a trained reward model, an SFT model) are module fixtures, so every
+test can run alone and in any order.
 """
 
 from __future__ import annotations
@@ -23,185 +23,15 @@ import math
 import random
 import tarfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import PreTrainedTokenizerBase
 
-from service.jobs.spec import LoraTraining
-from service.settings import Settings
 from tests.conftest import MODEL_CACHE, LiveService
-from workers.ppo_core import response_mask
-from workers.recipes.ppo import (
-    POLICY,
-    REWARD,
-    VALUE,
-    SharedBase,
-    left_pad,
-    normalize_prompt,
-    prompt_ids,
-    response_logps,
-)
 
 TINY = "tiny-random-llama"
 REWARD_MODEL_PARAM = "method.ppo.hyperparameters.reward_model"
-#: Names and ids the live tests hand on to each other (one worker serves the module, in order).
-SHARED: dict[str, Any] = {}
-
-
-# --------------------------------------------------------------------------- the shared base
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreTrainedTokenizerBase]:
-    from workers.base_models import load_tokenizer, resolve_base_model
-
-    settings = replace(Settings.from_env(tmp_path_factory.mktemp("ppo-data")), model_cache_dir=MODEL_CACHE)
-    path = resolve_base_model(TINY, settings)
-    return path, load_tokenizer(path)
-
-
-def shared_base(path: Path, seed: int = 0) -> SharedBase:
-    from workers.modeling import load_causal_lm
-
-    models = SharedBase(load_causal_lm(path), LoraTraining(r=4), seed=seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():  # a policy that differs from the reference
-        for name, p in models.peft.named_parameters():
-            if f"lora_B.{POLICY}" in name:
-                p.normal_(0.0, 0.5)
-    return models.eval()
-
-
-def test_prompts_render_like_training_prompts(tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
-    _, tokenizer = tiny
-    as_messages = normalize_prompt({"messages": [{"role": "system", "content": "Be brief."},
-                                                 {"role": "user", "content": "Hi"}]})
-    as_string = normalize_prompt({"prompt": "Hi"})
-    assert as_string == [{"role": "user", "content": "Hi"}] and as_messages[-1] == as_string[0]
-    ids = prompt_ids(as_string, tokenizer, 1000)
-    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
-    assert prompt_ids(as_string, tokenizer, 5) == ids[-5:]  # cut on the left
-    queries, mask = left_pad([[7, 8, 9], [5]], pad_token_id=2)
-    assert queries.tolist() == [[7, 8, 9], [2, 2, 5]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
-def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
-    """What PPO trains on (a forward over prompt + response) is what sampling drew from,
-    for left-padded prompts too; and the reference (adapters off) differs from the policy."""
-    from transformers import GenerationConfig
-
-    path, tokenizer = tiny
-    models = shared_base(path)
-    prompts = [prompt_ids([{"role": "user", "content": text}], tokenizer, 100)
-               for text in ("What is 2 plus 2?", "Hi", "Name three colours, please.")]
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
-    temperature = 0.7
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6,
-                              eos_token_id=[2, 0], pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = models.peft.generate(input_ids=queries, attention_mask=query_mask, generation_config=config,
-                                   output_logits=True, return_dict_in_generate=True)
-        responses = out.sequences[:, queries.shape[1]:]
-        mask, _ = response_mask(responses, [2, 0])
-        steps = [torch.log_softmax(step.float() / temperature, dim=-1) for step in out.logits]
-        sampler = torch.stack(steps, dim=1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-        ids = torch.cat([queries, responses], dim=1)
-        attention = torch.cat([query_mask, mask.long()], dim=1)
-        logps, entropy = response_logps(models, ids, attention, responses, temperature, with_entropy=True)
-        torch.testing.assert_close(logps[mask], sampler[mask], atol=1e-4, rtol=0)
-        assert entropy is not None and bool((entropy[mask] > 0).all())
-        # the shortest prompt alone (no padding) gives the same numbers
-        alone = torch.cat([torch.tensor([prompts[1]]), responses[1:2]], dim=1)
-        alone_mask = torch.cat([torch.ones(1, len(prompts[1]), dtype=torch.long), mask[1:2].long()], dim=1)
-        single, _ = response_logps(models, alone, alone_mask, responses[1:2], temperature)
-        torch.testing.assert_close(single[mask[1:2]], logps[1:2][mask[1:2]], atol=1e-4, rtol=0)
-        with models.reference():
-            reference, _ = response_logps(models, ids, attention, responses, temperature)
-        assert float((reference[mask] - logps[mask]).abs().max()) > 1e-3
-
-
-@pytest.fixture(scope="module")
-def reward_adapter(tiny: tuple[Path, PreTrainedTokenizerBase], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A "trained" SEQ_CLS LoRA reward model on tiny-random-llama: non-zero LoRA B and a moved head."""
-    from workers.recipes.reward_model import apply_reward_training_type, load_sequence_classifier
-
-    path, tokenizer = tiny
-    torch.manual_seed(3)
-    rm = apply_reward_training_type(load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id),
-                                    LoraTraining(r=4), seed=3)
-    with torch.no_grad():
-        for name, p in rm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-        rm.get_base_model().score.modules_to_save["default"].weight.add_(0.5)
-    out = tmp_path_factory.mktemp("rm") / "rm"
-    rm.save_pretrained(out)
-    return out
-
-
-def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(
-        tiny: tuple[Path, PreTrainedTokenizerBase], reward_adapter: Path) -> None:
-    from workers.recipes.reward_model import SequenceScores, load_reward_model
-
-    path, tokenizer = tiny
-    models = shared_base(path)
-    models.add_reward_adapter(reward_adapter)
-    assert set(models.peft.peft_config) == {POLICY, VALUE, REWARD}
-    rows = [prompt_ids([{"role": "user", "content": "What is 2 plus 2?"}], tokenizer, 100) + [36, 30, 2],
-            prompt_ids([{"role": "user", "content": "Hi"}], tokenizer, 100) + [19556, 2]]
-    merged, _ = load_reward_model(path, reward_adapter)
-    with torch.no_grad():
-        expected = torch.cat([SequenceScores(merged)(torch.tensor([r]), torch.ones(1, len(r)).long())
-                              for r in rows])
-        ids, attention = left_pad(rows, tokenizer.pad_token_id)
-        models.use(REWARD)
-        assert models.reward_head is not None
-        scores = models.reward_head(models.hidden(ids, attention)[:, -1]).squeeze(-1)
-        models.use(POLICY)
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
-    # switching adapters never freezes policy or value, never unfreezes the reward model
-    for adapter in (VALUE, REWARD, POLICY):
-        models.use(adapter)
-        assert all(p.requires_grad for p in models.trainable)
-        assert not any(p.requires_grad for n, p in models.peft.named_parameters() if f".{REWARD}." in n)
-    with models.reference():
-        pass
-    assert all(p.requires_grad for p in models.trainable)
-
-
-def test_non_finite_losses_skip_the_update_and_fail_the_job_on_the_third(
-        tiny: tuple[Path, PreTrainedTokenizerBase], reward_adapter: Path) -> None:
-    from service.jobs.spec import PpoHyperparameters
-    from workers.context import JobFailure
-    from workers.recipes.ppo import PPOEngine, eos_token_ids
-    from workers.training import make_accelerator
-
-    path, tokenizer = tiny
-    models = shared_base(path)
-    models.add_reward_adapter(reward_adapter)
-    hp = PpoHyperparameters(reward_model="rm", rollout_batch_size=4, mini_batch_size=4, max_new_tokens=3,
-                            ppo_epochs=4)
-    seen: list[tuple[int, int]] = []
-    engine = PPOEngine(models, tokenizer, hp, accelerator=make_accelerator(hp),
-                       eos_ids=eos_token_ids(models.peft.get_base_model(), tokenizer), total_steps=1, seed=0,
-                       on_nan=lambda loss, step, count: seen.append((step, count)))
-    prompts = [([{"role": "user", "content": q}], prompt_ids([{"role": "user", "content": q}], tokenizer, 50))
-               for q in ("Hi", "What is 2 plus 2?", "Bye", "Why?")]
-    rollout, timing = engine.rollout(prompts)
-    assert set(timing) == {"time/generation", "time/scoring"} and rollout.scores.shape == (4,)
-    advantages = engine.advantages(rollout)
-    before = [p.detach().clone() for p in models.trainable]
-    advantages["advantages"] = torch.full_like(advantages["advantages"], math.nan)
-    with pytest.raises(JobFailure) as failure:
-        engine.optimize(rollout, advantages, step=7)
-    assert failure.value.code == "nan_loss"
-    assert seen == [(7, 1), (7, 2)]  # two skipped updates reported, the third fails the job
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, models.trainable, strict=True))
 
 
 # --------------------------------------------------------------------------- live jobs
@@ -256,18 +86,54 @@ def lora_b_max(archive: bytes, tmp: Path, base: Path) -> float:
     return max(float(p.abs().max()) for n, p in model.named_parameters() if "lora_B" in n)
 
 
-def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Path) -> None:
-    began = time.time()
+@pytest.fixture(scope="module")
+def reward_model(live: LiveService) -> str:
+    """A reward model that prefers short answers (8 steps on 64 pairs): its fine_tuned_model."""
     rm = live.run(reward_model_job(TINY, live.upload(arithmetic_pairs(1, 64), "rm.jsonl")["id"], steps=8))
     assert rm["status"] == "succeeded", rm["error"]
-    prompts = live.upload(arithmetic_prompts(32), "prompts.jsonl")
-    SHARED.update(reward_model=rm["fine_tuned_model"], prompts=prompts["id"])
-    hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 16, "mini_batch_size": 8,
+    return str(rm["fine_tuned_model"])
+
+
+@pytest.fixture(scope="module")
+def prompts_file(live: LiveService) -> str:
+    return str(live.upload(arithmetic_prompts(32), "prompts.jsonl")["id"])
+
+
+@pytest.fixture(scope="module")
+def sft_model(live: LiveService) -> str:
+    """A short SFT job's model: a fine-tuned model that is not a reward model."""
+    rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+            for r in arithmetic_pairs(7, 16)]
+    sft = live.run({"model": TINY, "training_file": live.upload(rows, "sft.jsonl")["id"], "seed": 1,
+                    "suffix": "sft", "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                        "batch_size": 8, "max_steps": 2, "learning_rate": 1e-3}}}})
+    assert sft["status"] == "succeeded", sft["error"]
+    return str(sft["fine_tuned_model"])
+
+
+def tiny_parameter_bytes() -> int:
+    """fp32 bytes of tiny-random-llama's weights, read from its safetensors header (tied weights once)."""
+    import json
+    import struct
+
+    total = 0
+    for path in (MODEL_CACHE / TINY).glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        total += sum(end - begin for name, meta in header.items() if name != "__metadata__"
+                     for begin, end in [meta["data_offsets"]])
+    return total
+
+
+def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Path, reward_model: str,
+                                                prompts_file: str) -> None:
+    began = time.time()
+    prompts = {"id": prompts_file}
+    hp = {"reward_model": reward_model, "rollout_batch_size": 16, "mini_batch_size": 8,
           "max_new_tokens": 2, "temperature": 0.1, "ppo_epochs": 4, "n_epochs": 6, "max_steps": 12,
           "learning_rate": 1e-3, "lr_scheduler": "constant", "kl_coef": 0.05, "checkpoint_every_steps": 6}
     done = live.run(ppo_job(TINY, prompts["id"], hp))
     assert done["status"] == "succeeded", done["error"]
-    SHARED["ppo_model"] = done["fine_tuned_model"]
     assert done["progress"] == {"step": 12, "total_steps": 12} and done["trained_tokens"] > 0
 
     scores, kl = live.metric(done["id"], "objective/scores"), live.metric(done["id"], "objective/kl")
@@ -291,7 +157,9 @@ def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Pat
     memory = final["data"]["memory"]
     assert memory["base_copy_bytes"] > 0 and memory["peak_bytes"] > 0
     assert memory["reward_model_mode"] == "adapter"
-    assert memory["four_copies_bytes"] == 4 * memory["base_copy_bytes"]  # fp32 weights, no buffers
+    # one copy of the base is what its safetensors hold (fp32 on the CPU), counted independently
+    # (plus the rotary frequencies, a buffer of a few hundred bytes that is not saved)
+    assert 0 <= memory["base_copy_bytes"] - tiny_parameter_bytes() <= 4096
     print("memory", memory)
     ckpts = live.get(f"/v1/fine_tuning/jobs/{done['id']}/checkpoints").json()["data"]
     assert [c["step_number"] for c in ckpts] == [12, 6]
@@ -300,8 +168,9 @@ def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Pat
     print(f"reward model + PPO: {time.time() - began:.1f}s")
 
 
-def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live: LiveService) -> None:
-    prompts, rm = SHARED["prompts"], SHARED["reward_model"]
+def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(
+        live: LiveService, reward_model: str, prompts_file: str, sft_model: str) -> None:
+    prompts, rm = prompts_file, reward_model
 
     def refused(hp: dict[str, Any], headers: dict[str, str] | None = None, training_file: str = prompts,
                 **extra: Any) -> dict[str, Any]:
@@ -320,7 +189,7 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live
     assert code({"reward_model": f"ft:{TINY}:acme:rm:ftjob-doesnotexist"}) == "reward_model_not_found"
     assert code({"reward_model": "gpt-4"}) == "reward_model_not_found"
     assert code({"reward_model": TINY}) == "reward_model_not_a_reward_model"
-    assert code({"reward_model": SHARED["ppo_model"]}) == "reward_model_not_a_reward_model"
+    assert code({"reward_model": sft_model}) == "reward_model_not_a_reward_model"
     # another organization's reward model answers exactly like one that does not exist
     other = live.api.key("globex")
     theirs = live.api.client.post("/v1/files", headers=other, data={"purpose": "fine-tune"},
@@ -346,24 +215,17 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(live
     assert error["param"] == "method.ppo.hyperparameters.max_length"
 
 
-def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService) -> None:
+def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService, sft_model: str) -> None:
     """The seed's three stages as three jobs; then PPO from the base with the chained reward model,
     which has to be loaded as its own model (it was trained on a different base)."""
     began = time.time()
-    sft_rows = [{"messages": [{"role": "user", "content": r["prompt"]},
-                              {"role": "assistant", "content": r["chosen"]}]}
-                for r in arithmetic_pairs(7, 16)]
-    sft = live.run({"model": TINY, "training_file": live.upload(sft_rows, "sft.jsonl")["id"], "seed": 1,
-                    "suffix": "sft", "method": {"type": "supervised", "supervised": {"hyperparameters": {
-                        "batch_size": 8, "max_steps": 2, "learning_rate": 1e-3}}}})
-    assert sft["status"] == "succeeded", sft["error"]
     preferences = live.upload(arithmetic_pairs(8, 16), "rm2.jsonl")
-    rm = live.run(reward_model_job(sft["fine_tuned_model"], preferences["id"], steps=2, suffix="rm-chained"))
+    rm = live.run(reward_model_job(sft_model, preferences["id"], steps=2, suffix="rm-chained"))
     assert rm["status"] == "succeeded", rm["error"]
     hp = {"reward_model": rm["fine_tuned_model"], "rollout_batch_size": 4, "mini_batch_size": 2,
           "max_new_tokens": 4, "ppo_epochs": 1, "max_steps": 2}
     prompts = live.upload(arithmetic_prompts(8, messages=True), "prompts-messages.jsonl")["id"]
-    ppo = live.run(ppo_job(sft["fine_tuned_model"], prompts, {**hp, "eval_every_steps": 1}, suffix="chained",
+    ppo = live.run(ppo_job(sft_model, prompts, {**hp, "eval_every_steps": 1}, suffix="chained",
                            validation_file=prompts))
     assert ppo["status"] == "succeeded", ppo["error"]
     evaluated = live.get(f"/v1/fine_tuning/jobs/{ppo['id']}/metrics?name=eval/objective/scores").json()["data"]

@@ -19,16 +19,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service.jobs.spec import LoraTraining
 from service.settings import Settings
 from tests.conftest import MODEL_CACHE, LiveService
-from workers.data import TokenizedPair, TokenizedSequence, collate_pairs
-from workers.recipes.reward_model import (
-    SequenceScores,
-    apply_reward_training_type,
-    copy_decoder,
-    load_reward_model,
-    load_sequence_classifier,
-    pair_loss,
-    score,
-)
+from workers.batching import collate_pairs
+from workers.data import TokenizedPair, TokenizedSequence
+from workers.modeling import apply_training_type, copy_decoder, load_sequence_classifier
+from workers.recipes.reward_model import pair_loss
+from workers.reward_scoring import SequenceScores, load_reward_model, score
 
 # --------------------------------------------------------------------------- known answers
 
@@ -122,7 +117,7 @@ def test_load_reward_model_full_and_chained(tiny: tuple[Path, PreTrainedTokenize
     parent.save_pretrained(tmp_path / "parent")
     rm = classifier(path, tokenizer)
     copy_decoder(rm, parent.merge_and_unload())
-    rm_lora = apply_reward_training_type(rm, LoraTraining(r=4), seed=2)
+    rm_lora = apply_training_type(rm, LoraTraining(r=4), seed=2, task_type="SEQ_CLS")
     assert isinstance(rm_lora, PeftModel)
     trainable = {n for n, p in rm_lora.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)

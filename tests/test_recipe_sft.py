@@ -21,9 +21,8 @@ from torch import nn
 from service.jobs.spec import SupervisedHyperparameters
 from service.settings import Settings
 from tests.conftest import MODEL_CACHE, LiveService
-from workers.loop import accumulate
+from workers.loop import accumulate, make_accelerator
 from workers.token_logps import TokenLogps, TokenPredictions, token_nll, token_predictions
-from workers.training import make_accelerator
 
 # --------------------------------------------------------------------------- known answers
 
@@ -58,7 +57,8 @@ def test_token_logps_match_the_models_own_loss(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from workers.base_models import TINY_RANDOM_LLAMA, load_tokenizer, resolve_base_model
-    from workers.data import collate_supervised, normalize_supervised, tokenize_supervised
+    from workers.batching import collate_supervised
+    from workers.data import normalize_supervised, tokenize_supervised
 
     settings = replace(Settings.from_env(tmp_path), model_cache_dir=MODEL_CACHE)
     path = resolve_base_model(TINY_RANDOM_LLAMA, settings)

@@ -1,4 +1,4 @@
-"""Dataset normalisation, tokenization, collation and batching shared by every training method.
+"""Dataset normalisation and tokenization shared by every training method (prompts for sampling included).
 
 There is exactly one tokenization path so that SFT, reward modelling, DPO and PPO agree on what a
 prompt and a completion are:
@@ -39,15 +39,11 @@ Every tokenized sequence records ``truncated`` so recipes can count and report i
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
-
-from workers.distributed import shard_batches
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +53,6 @@ ROLES = frozenset({"system", "user", "assistant"})
 IGNORE_INDEX = -100
 #: Prompt tokens kept at least when a preference example is too long (see the module docstring).
 MIN_PROMPT_TOKENS = 16
-#: How many batches' worth of examples are sorted together when bucketing by length: large enough
-#: to find similar lengths, small enough that batches still differ from one epoch to the next.
-BUCKET_BATCHES = 50
 
 
 class ChatTemplateError(ValueError):
@@ -443,88 +436,17 @@ def _supervised_boundaries(
     return texts, trained
 
 
-# --------------------------------------------------------------------------- collation
+# --------------------------------------------------------------------------- prompts (PPO, RL, generation)
 
 
-def collate_pairs(
-    batch: Sequence[TokenizedPair], pad_token_id: int, *, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """One right-padded batch ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``.
-
-    One forward pass serves both sides (and the reference model); split the outputs at ``B``.
-    ``loss_mask`` marks target tokens at their own position (see the module docstring).
-    ``margin`` (shape ``[B]``) is present when any pair has one; missing margins count as 0.
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    sequences = [pair.chosen for pair in batch] + [pair.rejected for pair in batch]
-    out = _pad(sequences, pad_token_id, pad_to_multiple_of)
-    if any(pair.margin is not None for pair in batch):
-        out["margin"] = torch.tensor([pair.margin or 0.0 for pair in batch], dtype=torch.float32)
-    return out
+def normalize_prompt(row: Mapping[str, Any]) -> list[Message]:
+    """A prompts-file line (``{"messages": [...]}`` ending in a user turn, or ``{"prompt": ...}``) as
+    messages, read exactly like a preference example's prompt. Extra fields (what graders read) are ignored."""
+    value = row["messages"] if "messages" in row else row["prompt"]
+    return normalize_preference({"prompt": value, "chosen": ".", "rejected": "."}).prompt
 
 
-def collate_supervised(
-    batch: Sequence[TokenizedExample], pad_token_id: int, *, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` and HF-style ``labels``.
+def prompt_ids(messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> list[int]:
+    """Chat template + assistant header (as a preference prompt renders), left-truncated to ``max_tokens``."""
+    return _encode(tokenizer, _render(tokenizer, list(messages), True))[-max_tokens:]
 
-    ``labels`` is ``input_ids`` with ``-100`` where ``loss_mask`` is 0, unshifted, so
-    ``model(input_ids, attention_mask, labels=labels)`` computes the same masked loss.
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    out = _pad(batch, pad_token_id, pad_to_multiple_of)
-    out["labels"] = out["input_ids"].masked_fill(out["loss_mask"] == 0, IGNORE_INDEX)
-    return out
-
-
-def _pad(
-    sequences: Sequence[TokenizedSequence], pad_token_id: int, pad_to_multiple_of: int | None
-) -> dict[str, torch.Tensor]:
-    width = max(len(seq) for seq in sequences)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        length = len(seq)
-        input_ids[row, :length] = torch.tensor(seq.input_ids, dtype=torch.long)
-        attention_mask[row, :length] = 1
-        loss_mask[row, :length] = torch.tensor(seq.loss_mask, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-
-
-# --------------------------------------------------------------------------- batching
-
-
-def length_bucketed_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True
-) -> list[list[int]]:
-    """Index batches of similar lengths, to cut padding; each index appears exactly once.
-
-    With ``shuffle``, indices are shuffled with ``seed``, sorted by length within chunks of
-    ``BUCKET_BATCHES`` batches (so epochs with different seeds still mix examples), cut into
-    batches, and the batch order is shuffled. Without it, all indices are sorted longest first
-    (evaluation: the largest batch runs first, so an out-of-memory shows up at once).
-
-    Under ``accelerate launch`` with N ranks, ``batch_size`` is the global batch and each rank gets
-    its slice of every batch (``workers.distributed.shard_batches``): same steps, same examples per
-    step as one process.
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    order = list(range(len(lengths)))
-    if not shuffle:
-        order.sort(key=lambda i: -lengths[i])
-        return shard_batches([order[i : i + batch_size] for i in range(0, len(order), batch_size)])
-    rng = random.Random(seed)
-    rng.shuffle(order)
-    chunk = batch_size * BUCKET_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])  # stable: ties stay random
-        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    rng.shuffle(batches)
-    return shard_batches(batches)

@@ -6,7 +6,7 @@
 
 in its own process group and watches it:
 
-* every rank runs the same recipe (``tasks._run_claimed``); data parallelism comes from accelerate
+* every rank runs the same recipe (``workers.runner.run_claimed``); data parallelism comes from accelerate
   (``Accelerator.prepare`` wraps the model in DDP, or FSDP for a full fine-tune the estimate could
   not fit on one GPU) and from ``workers.data.length_bucketed_batches`` giving each rank its slice
   of every global batch;
@@ -174,14 +174,14 @@ def supervise(state: AppState, job_id: str, reporter: Reporter, resources: dict[
 def main(argv: list[str] | None = None) -> int:
     """One rank: the same recipe run as ``alignd.train`` runs it, minus the claim (the supervisor did it)."""
     from workers.distributed import is_main_process
-    from workers.tasks import _run_claimed
+    from workers.runner import run_claimed
 
     args = sys.argv[1:] if argv is None else argv
     job_id = args[0]
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(message)s")
     state = AppState(Settings.from_env())
-    status = _run_claimed(state, job_id, Reporter(state.sessions, job_id))
+    status = run_claimed(state, job_id, Reporter(state.sessions, job_id))
     log.info("job %s: rank %s ended %s", job_id, os.environ.get("RANK", "0"), status)
     # A rank that failed exits non-zero so torchrun takes the group down; rank 0 recorded the error.
     return 1 if status == "failed" and not is_main_process() else 0

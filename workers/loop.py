@@ -1,28 +1,31 @@
-"""The optimisation loop the recipes share: accumulate, clip, step, report, evaluate, checkpoint.
+"""The one training loop every recipe runs (SFT, reward model, DPO, PPO, reinforcement).
 
-A recipe keeps what is its own — how a micro-batch becomes a loss and metrics, how it evaluates,
-what it saves — and hands those in as callables; the loop owns everything that is the same for
-every method:
+A recipe keeps what is its own — what one step does (a forward/backward over micro-batches, or a
+rollout and its PPO updates), how it evaluates, what its weights are — and hands those in; the loop
+owns everything that is the same for every method, so stop, pause, cancel, checkpoints and resume
+mean the same everywhere:
 
-* epochs of pre-planned index batches, ``gradient_accumulation_steps`` micro-batches per step,
-  stopping at ``plan.total_steps``;
-* cancellation (checked before every step), a ``nan_loss`` failure on a non-finite loss;
-* gradient clipping (the logged ``grad_norm`` is the norm *before* clipping, as the Hugging Face
-  Trainer and TRL log it), optimizer and scheduler steps;
-* per-step metrics ``learning_rate`` (the rate the step used), ``num_tokens`` (cumulative),
-  ``tokens_per_second`` and ``epoch``, reported with the job's progress;
+* epochs of pre-planned index batches, ``batches_per_step`` of them per step (the gradient
+  accumulation group for supervised methods, one prompt batch for online RL), stopping at
+  ``total_steps``;
+* cancel and pause (checked before every step; a pause checkpoints the current step first);
+* resume: with ``ctx.resume_from`` set, weights, optimizer, scheduler, RNG and the recipe's extra
+  state come back from that checkpoint and the steps it covers are skipped, so every step is
+  trained exactly once;
+* per-step metrics ``num_tokens`` (cumulative), ``tokens_per_second`` and ``epoch``, reported with
+  the job's progress (the step itself reports ``loss``, ``grad_norm`` and the ``learning_rate`` it used);
 * evaluation every ``eval_every_steps`` and at the end, checkpoints every ``checkpoint_every_steps``
-  and at the end.
+  and at the end, then the result archive.
 
-Gradient accumulation (:func:`accumulate`) weights each micro-batch explicitly (by examples for
-pair losses, by trained tokens for token losses), so the accumulated gradient is the gradient of the
-loss over the whole step even when the last group of an epoch is short or micro-batches differ in
-size. ``Accelerator.backward`` divides every loss by ``gradient_accumulation_steps``; since the
-weights already sum to one, :func:`backward` undoes that division.
+Optimizer steps go through :class:`Optimization`: clip (the logged ``grad_norm`` is the norm before
+clipping, as the Hugging Face Trainer and TRL log it), step, schedule. A skipped update (a non-finite
+loss in PPO) still advances the schedule, so it ends where it was planned to.
 
-Adopting it elsewhere: DPO's ``train`` is this loop with
-``step_fn = lambda group: accumulate(acc, policy, group, self._micro, example_weights(group))``
-where ``_micro`` returns ``(loss, metrics, attention_mask.sum())`` from ``_loss``.
+Gradient accumulation (:func:`accumulate`) weights each micro-batch explicitly (by examples for pair
+losses, by trained tokens for token losses), so the accumulated gradient is the gradient of the loss
+over the whole step even when the last group of an epoch is short. ``Accelerator.backward`` divides
+every loss by ``gradient_accumulation_steps``; since the weights already sum to one, :func:`backward`
+undoes that division.
 """
 
 from __future__ import annotations
@@ -30,31 +33,131 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch import nn
+from transformers import get_scheduler
 
 from service.jobs.spec import CommonHyperparameters
+from workers.checkpoints import Weights, capture_state, final_adapter_key, load_resume_point, save_archive
+from workers.checkpoints import save_checkpoint as write_checkpoint
 from workers.context import JobContext, JobFailure
-from workers.resume import capture_state, load_resume_point
+from workers.modeling import Precision
 
 #: One micro-batch: ``indices`` -> (loss with gradients, metrics, tokens processed).
 MicroBatchFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float], int]]
-#: One optimizer step's forward/backward over its micro-batches -> (metrics incl. "loss", tokens).
+#: One whole step over its index batches -> (metrics incl. "loss", tokens processed).
 StepFn = Callable[[list[list[int]]], tuple[dict[str, float], int]]
 
 
+class Stateful(Protocol):
+    """Recipe state beyond weights, optimizer and RNG that a resumed job must get back (tensors,
+    numbers, lists and dicts of them: it is read back with ``weights_only=True``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLoss(ArithmeticError):
+    def __init__(self, value: float) -> None:
+        super().__init__(f"loss became {value}")
+        self.value = value
+
+
+# --------------------------------------------------------------------------- set-up pieces
+
+
+def make_accelerator(hp: CommonHyperparameters, precision: Precision | None = None) -> Accelerator:
+    """``step_scheduler_with_optimizer=False``: recipes plan their steps on *global* batches (each rank
+    takes a slice of every batch, see ``workers.batching.length_bucketed_batches``), so under N processes
+    the schedule must advance once per optimizer step, not N times as accelerate does by default."""
+    mixed = precision.mixed if precision is not None else "no"
+    # accelerate keeps one process-wide state; a worker process that ran a job in another precision
+    # (or a test) must start it afresh. The process group (PartialState) is kept.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=hp.gradient_accumulation_steps,
+                       step_scheduler_with_optimizer=False)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(n_micro_batches: int, hp: CommonHyperparameters, batches_per_step: int | None = None) -> StepPlan:
+    per_step = batches_per_step or hp.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(n_micro_batches / per_step))
+    total = steps_per_epoch * hp.n_epochs
+    if hp.max_steps is not None:
+        total = min(total, hp.max_steps)
+    return StepPlan(n_micro_batches, steps_per_epoch, total)
+
+
+def parameter_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and norm scales (every parameter of fewer than two
+    dimensions) are not pulled towards zero, as the Hugging Face Trainer and nanoGPT do."""
+    decayed = [p for p in params if p.ndim >= 2]
+    plain = [p for p in params if p.ndim < 2]
+    return [group for group in ({"params": decayed, "weight_decay": weight_decay},
+                                {"params": plain, "weight_decay": 0.0}) if group["params"]]
+
+
+def make_optimizer(params: Sequence[nn.Parameter], hp: CommonHyperparameters, total_updates: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.AdamW(parameter_groups(params, hp.weight_decay), lr=hp.learning_rate)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[hp.lr_scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(hp.warmup_ratio * total_updates),
+                              num_training_steps=total_updates)
+    return optimizer, scheduler
+
+
 @dataclass
-class LoopResult:
-    status: str  # "succeeded" | "cancelled" | "paused"
-    step: int
-    tokens: int
-    metrics: dict[str, float]
+class Optimization:
+    """The optimizer, its schedule and the trainable parameters, stepped the same way by every recipe."""
+
+    accelerator: Accelerator
+    optimizer: Any  # torch.optim.Optimizer, possibly accelerate-wrapped
+    scheduler: Any
+    params: list[nn.Parameter]
+    max_grad_norm: float
+
+    def learning_rate(self) -> float:
+        """The rate the next update will use."""
+        return float(self.scheduler.get_last_lr()[0])
+
+    def step(self) -> dict[str, float]:
+        """Clip, update, advance the schedule; returns ``grad_norm`` (before clipping) and the
+        ``learning_rate`` this update used."""
+        norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        used = self.learning_rate()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm) if norm is not None else math.nan, "learning_rate": used}
+
+    def skip(self) -> float:
+        """Drop this update's gradients but advance the schedule; returns the rate it would have used."""
+        used = self.learning_rate()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when no update has happened yet: that is the point
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        return used
+
+
+# --------------------------------------------------------------------------- one step
 
 
 def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
@@ -82,19 +185,20 @@ def combine(accumulated: dict[str, float], metrics: dict[str, float], weight: fl
             accumulated[name] = accumulated.get(name, 0.0) + value * weight
 
 
+def sync_if(accelerator: Accelerator, model: nn.Module, sync: bool) -> Any:
+    """Gradients are all-reduced only on the last micro-batch of a step (``no_sync`` before it)."""
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
 def accumulate(accelerator: Accelerator, model: nn.Module, group: Sequence[list[int]], micro: MicroBatchFn,
                weights: Sequence[float]) -> tuple[dict[str, float], int]:
-    """Forward and backward every micro-batch of one step, ``loss_i * weights[i]`` each.
-
-    Gradients are synchronised across processes only on the last micro-batch (``no_sync``).
-    """
+    """Forward and backward every micro-batch of one step, ``loss_i * weights[i]`` each."""
     if len(weights) != len(group):
         raise ValueError("one weight per micro-batch")
     accumulated: dict[str, float] = {}
     tokens = 0
     for position, (indices, weight) in enumerate(zip(group, weights, strict=True)):
-        last = position == len(group) - 1
-        with _sync_if(accelerator, model, last):
+        with sync_if(accelerator, model, position == len(group) - 1):
             loss, metrics, n_tokens = micro(indices)
             backward(accelerator, loss * weight)
         combine(accumulated, metrics, weight)
@@ -102,54 +206,72 @@ def accumulate(accelerator: Accelerator, model: nn.Module, group: Sequence[list[
     return accumulated, tokens
 
 
-def _sync_if(accelerator: Accelerator, model: nn.Module, sync: bool) -> Any:
-    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+def gradient_step(optim: Optimization, forward_backward: StepFn) -> StepFn:
+    """A supervised step: accumulate gradients over the group, then one update (never on a non-finite loss)."""
+
+    def step(group: list[list[int]]) -> tuple[dict[str, float], int]:
+        metrics, tokens = forward_backward(group)
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLoss(metrics["loss"])
+        metrics |= optim.step()
+        return metrics, tokens
+
+    return step
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopResult:
+    status: str  # "succeeded" | "cancelled" | "paused"
+    step: int
+    tokens: int
+    metrics: dict[str, float]
+    adapter_key: str | None = None
 
 
 def run_training(
     *,
     ctx: JobContext,
     hp: CommonHyperparameters,
-    accelerator: Accelerator,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    params: list[nn.Parameter],
+    optim: Optimization,
+    weights: Weights,
     batches_by_epoch: Sequence[Sequence[list[int]]],
     total_steps: int,
     step_fn: StepFn,
-    save_checkpoint: Callable[[int, dict[str, float]], None],
+    checkpoint_metrics: Sequence[str],
     evaluate: Callable[[int], object] | None = None,
+    batches_per_step: int | None = None,
+    extra_state: Stateful | None = None,
+    result_weights: Weights | None = None,
 ) -> LoopResult:
-    """Run the steps; on success the last evaluation and checkpoint are done, the archive is not.
-
-    With ``ctx.resume_from`` set, weights, optimizer, scheduler and RNG come back from that
-    checkpoint and the loop skips the steps it already trained, so every step is trained exactly
-    once. A pause request checkpoints the current step and returns ``"paused"``.
-    """
+    """Run the steps; on success the last evaluation, the last checkpoint and the result archive
+    (``result_weights``, by default ``weights``) are written."""
     reporter = ctx.reporter
+    per_step = batches_per_step or hp.gradient_accumulation_steps
     step, tokens = 0, 0
     last: dict[str, float] = {}
 
     def checkpoint(at: int) -> None:
-        ctx.training_state = capture_state(step=at, tokens=tokens, metrics=last, optimizer=optimizer,
-                                           scheduler=scheduler)
-        try:
-            save_checkpoint(at, last)
-        finally:
-            ctx.training_state = None
+        state = capture_state(step=at, tokens=tokens, metrics=last, optimizer=optim.optimizer,
+                              scheduler=optim.scheduler,
+                              extra=extra_state.state_dict() if extra_state is not None else None)
+        write_checkpoint(ctx, weights, at, {k: v for k, v in last.items() if k in checkpoint_metrics}, state)
 
     if ctx.resume_from is not None:
-        resumed_at, key = ctx.resume_from
-        state = load_resume_point(ctx.store, key, accelerator.unwrap_model(model), optimizer, scheduler,
-                                  ctx.workdir)
+        _, key = ctx.resume_from
+        state = load_resume_point(ctx.store, key, weights, optim.optimizer, optim.scheduler, ctx.workdir)
+        if extra_state is not None:
+            extra_state.load_state_dict(state.get("extra") or {})
         step, tokens, last = int(state["step"]), int(state["tokens"]), dict(state["metrics"])
         reporter.resumed(step)
     reporter.progress(step=step, total_steps=total_steps)
-    done = 0  # optimizer steps planned so far, trained now or before the resume
+    done = 0  # steps planned so far, trained now or before the resume
     model.train()
     for epoch, batches in enumerate(batches_by_epoch):
-        for start in range(0, len(batches), hp.gradient_accumulation_steps):
+        for start in range(0, len(batches), per_step):
             if done >= total_steps:
                 break
             done += 1
@@ -163,16 +285,11 @@ def run_training(
                 reporter.event("Training stopped: the job was cancelled", level="warn")
                 return LoopResult("cancelled", step, tokens, last)
             began = time.perf_counter()
-            group = list(batches[start:start + hp.gradient_accumulation_steps])
-            metrics, step_tokens = step_fn(group)
-            if not math.isfinite(metrics["loss"]):
-                raise JobFailure("nan_loss", f"loss became {metrics['loss']} at step {step + 1}")
-            norm = accelerator.clip_grad_norm_(params, hp.max_grad_norm)
-            metrics["grad_norm"] = float(norm) if norm is not None else math.nan
-            metrics["learning_rate"] = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            group = list(batches[start:start + per_step])
+            try:
+                metrics, step_tokens = step_fn(group)
+            except NonFiniteLoss as exc:
+                raise JobFailure("nan_loss", f"loss became {exc.value} at step {step + 1}") from None
             step += 1
             tokens += step_tokens
             metrics["num_tokens"] = float(tokens)
@@ -188,4 +305,5 @@ def run_training(
     if evaluate is not None:
         evaluate(step)
     checkpoint(step)
-    return LoopResult("succeeded", step, tokens, last)
+    key = save_archive(ctx, result_weights or weights, final_adapter_key(ctx.job_id))
+    return LoopResult("succeeded", step, tokens, last, adapter_key=key)

@@ -1,30 +1,81 @@
-"""Model plumbing shared by the recipes: loading bases (and chained fine-tunes), LoRA, log-probs.
+"""The one place that builds models: loads a base, merges parent fine-tunes, chooses the precision,
+builds every ``LoraConfig`` and turns on activation checkpointing.
 
-The LM head runs only on positions a loss reads: for a 49k vocabulary and a long prompt, the full
-logits tensor is most of a step's memory and a good part of its time.
+Every recipe (and PPO's value and reward adapters, and the reward-model classifier) goes through
+here, so a wrong ``target_modules`` gives the same ``invalid_training_type`` error for every method,
+``lora_dropout`` means the same everywhere, and precision rules cannot drift between recipes.
+
+Precision (:func:`choose_precision`)
+- CUDA with bf16: LoRA keeps the frozen base in bf16; a full fine-tune keeps fp32 master weights
+  (the optimizer updates fp32, so small updates are not rounded away) and both run under bf16
+  autocast. Without bf16, the same with fp16 autocast and accelerate's loss scaler.
+- CPU: fp32, no autocast (CPU bf16 matmuls are slow). ``ALIGND_MIXED_PRECISION=bf16`` forces bf16
+  autocast there (tests check the master-weight rule on the CPU with it).
+- LoRA weights are fp32 whatever the base's dtype (peft's ``autocast_adapter_dtype``).
+
+The LM head runs only on positions a loss reads (see ``workers.token_logps`` and the DPO layouts):
+for a 49k vocabulary and a long prompt, the full logits tensor is most of a step's memory.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from service.jobs.spec import LoraTraining, TrainingType
-from workers.checkpointing import fetch_adapter
-from workers.losses import selective_log_softmax
+from workers.checkpoints import fetch_adapter
+from workers.context import JobFailure
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from service.storage import ObjectStore
+
+TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+TARGET_MODULES_PARAM = "training_type.target_modules"
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """bf16 weights on GPUs that support it; fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+# --------------------------------------------------------------------------- precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """``weights``: the dtype parameters are stored in; ``mixed``: accelerate's autocast mode."""
+
+    weights: torch.dtype
+    mixed: MixedPrecision
+
+    @property
+    def compute(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed, self.weights)
+
+
+def choose_precision(training_type: TrainingType, device_type: str | None = None) -> Precision:
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    full = not isinstance(training_type, LoraTraining)
+    forced = os.environ.get("ALIGND_MIXED_PRECISION")
+    if forced in ("bf16", "fp16"):
+        mixed: MixedPrecision = forced  # type: ignore[assignment]
+    elif device_type == "cuda":
+        mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        return Precision(torch.float32, "no")
+    half = torch.bfloat16 if mixed == "bf16" else torch.float16
+    # fp16 frozen bases overflow too easily; only bf16 stores the frozen LoRA base in half precision
+    stored = torch.float32 if full or mixed == "fp16" or device_type != "cuda" else half
+    return Precision(stored, mixed)
+
+
+# --------------------------------------------------------------------------- bases
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -35,29 +86,63 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrained
     return model  # type: ignore[no-any-return]
 
 
-def merge_adapter(model: PreTrainedModel, store: Any, adapter_key: str) -> PreTrainedModel:
-    """Chaining: a parent job's adapter folded into its base becomes this job's base and reference."""
+def load_sequence_classifier(path: str | Path, dtype: torch.dtype, pad_token_id: int) -> PreTrainedModel:
+    """The decoder's weights under a new scalar ``score`` head (hidden -> 1): a reward model's base."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+        local_files_only=True,
+    )
+    model.config.pad_token_id = pad_token_id  # HF's own forward needs it for batches > 1
+    model.config.use_cache = False
+    return model  # type: ignore[no-any-return]
+
+
+def merge_dir(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
+    """A parent fine-tune folded in: a LoRA adapter merged into ``model``, or full weights replacing it."""
+    if (directory / "adapter_config.json").exists():
+        merged = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+        return merged  # type: ignore[no-any-return]
+    full = AutoModelForCausalLM.from_pretrained(str(directory), dtype=model.dtype, trust_remote_code=False,
+                                                use_safetensors=True, local_files_only=True)
+    full.config.use_cache = False
+    return full  # type: ignore[no-any-return]
+
+
+def merge_adapter(model: PreTrainedModel, store: ObjectStore, adapter_key: str) -> PreTrainedModel:
+    """Chaining: a parent job's archive folded into its base becomes this job's base and reference."""
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir = fetch_adapter(store, adapter_key, Path(tmp) / "adapter")
-        if (adapter_dir / "adapter_config.json").exists():
-            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-            return merged  # type: ignore[no-any-return]
-        full = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=model.dtype, trust_remote_code=False,
-                                                    use_safetensors=True, local_files_only=True)
-        return full  # type: ignore[no-any-return]
+        return merge_dir(model, fetch_adapter(store, adapter_key, Path(tmp) / "adapter"))
 
 
-def apply_training_type(model: PreTrainedModel, training_type: TrainingType, seed: int) -> nn.Module:
-    if isinstance(training_type, LoraTraining):
-        torch.manual_seed(seed)
-        config = LoraConfig(r=training_type.r, lora_alpha=training_type.alpha,  # type: ignore[arg-type] # peft accepts floats lora_dropout=training_type.dropout,
-                            target_modules=list(training_type.target_modules), task_type="CAUSAL_LM", bias="none")
-        missing = [m for m in config.target_modules or [] if not any(n.endswith(m) for n, _ in model.named_modules())]
-        if missing:
-            raise ValueError(f"training_type.target_modules: {missing} not found in the model")
-        return get_peft_model(model, config)
-    model.requires_grad_(True)
+def load_base(path: Path, dtype: torch.dtype, store: ObjectStore, parent_adapter_keys: list[str]) -> PreTrainedModel:
+    """The job's base: the registry model with every parent fine-tune merged in, oldest first."""
+    model = load_causal_lm(path, dtype)
+    for key in parent_adapter_keys:
+        model = merge_adapter(model, store, key)
     return model
+
+
+def copy_decoder(classifier: PreTrainedModel, causal_lm: PreTrainedModel) -> None:
+    """Give ``classifier`` the decoder weights of ``causal_lm`` (e.g. a base with parents merged)."""
+    target = getattr(classifier, classifier.base_model_prefix)
+    target.load_state_dict(getattr(causal_lm, causal_lm.base_model_prefix).state_dict())
+
+
+def load_classifier_base(path: Path, dtype: torch.dtype, pad_token_id: int, store: ObjectStore | None,
+                         parent_adapter_keys: list[str], parent_dirs: list[Path] | None = None) -> PreTrainedModel:
+    """A sequence classifier whose decoder is the job's base (parents merged, from the store or from
+    already-extracted directories)."""
+    classifier = load_sequence_classifier(path, dtype, pad_token_id)
+    if parent_adapter_keys or parent_dirs:
+        if store is not None and parent_adapter_keys:
+            lm = load_base(path, dtype, store, parent_adapter_keys)
+        else:
+            lm = load_causal_lm(path, dtype)
+            for directory in parent_dirs or []:
+                lm = merge_dir(lm, directory)
+        copy_decoder(classifier, lm)
+        del lm
+    return classifier
 
 
 def causal_lm_of(model: nn.Module) -> PreTrainedModel:
@@ -65,32 +150,66 @@ def causal_lm_of(model: nn.Module) -> PreTrainedModel:
     return inner  # type: ignore[return-value]
 
 
-class SequenceLogps(nn.Module):
-    """Per-sequence sum of log p(token) over ``loss_mask`` positions, and the token counts.
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant ``torch.utils.checkpoint``).
 
-    A module (not a function) so that accelerate/DDP wraps the whole computation: DDP syncs
-    gradients only for forwards that go through the wrapper.
-    """
+    The recomputation runs whatever adapter is active *at backward time*: callers that switch peft
+    adapters (PPO's policy and value) must keep one active until its backward has run."""
+    model.activation_checkpointing_enable()
+    model.enable_input_require_grads()
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lm = causal_lm_of(self.model)
-        decoder = getattr(lm, lm.base_model_prefix)
-        head = lm.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        targets_mask = loss_mask[:, 1:].bool()
-        selected = hidden[:, :-1][targets_mask]
-        targets = input_ids[:, 1:][targets_mask]
-        token_logps = selective_log_softmax(head(selected), targets)
-        rows = targets_mask.nonzero(as_tuple=True)[0]
-        sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
-        sums = sums.index_add(0, rows, token_logps)
-        return sums, targets_mask.sum(dim=1)
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_config(lora: LoraTraining, model: nn.Module, task_type: TaskType = "CAUSAL_LM") -> LoraConfig:
+    """The job's LoRA settings for ``model``; target modules it lacks are the user's error."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [m for m in lora.target_modules if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        raise JobFailure("invalid_training_type", f"training_type.target_modules: {missing} not found in the "
+                         f"model (it has e.g. {_linear_names(model)[:8]})", TARGET_MODULES_PARAM)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft types it int; floats work
+                      lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                      task_type=task_type, bias="none")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+
+
+def saved_lora_as_causal(adapter_dir: Path) -> LoraConfig:
+    """A saved (e.g. ``SEQ_CLS``) adapter's config as a causal-LM adapter for inference on a shared base."""
+    saved = LoraConfig.from_pretrained(str(adapter_dir))
+    return replace(saved, task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)
+
+
+def apply_training_type(model: PreTrainedModel, training_type: TrainingType, seed: int,
+                        task_type: TaskType = "CAUSAL_LM", adapter_name: str = "default") -> nn.Module:
+    """LoRA adapters (``SEQ_CLS``: peft also trains and saves the score head) or every weight trainable."""
+    if isinstance(training_type, LoraTraining):
+        config = lora_config(training_type, model, task_type)
+        torch.manual_seed(seed)
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    model.requires_grad_(True)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every ``nn.Dropout`` to p=0 (what TRL does to all four PPO models): rollouts and updates then see
+    the same function, so the first update's ratio is exactly 1. Saved configs keep the user's value."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the generation config's (SmolLM2: ``<|im_end|>``, ``<|endoftext|>``)
+    and the tokenizer's EOS."""
+    configured: Any = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None))

@@ -97,10 +97,6 @@ class Reporter:
             repo.add_checkpoint(step, metrics, storage_key)
             repo.add_event(f"Checkpoint saved at step {step}", data={"step": step})
 
-    def should_stop(self, *, min_interval: float = 0.5) -> bool:
-        """True once the job was cancelled or asked to pause; read at most every 0.5 s."""
-        return self.stop_reason(min_interval=min_interval) is not None
-
     def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
         """``"cancel"``, ``"pause"`` or None. A job that left ``running`` otherwise counts as cancelled.
 
@@ -133,6 +129,13 @@ class Reporter:
             repo = JobRunRepository(s, self.job_id)
             repo.drop_series_after(step)
             repo.add_event(f"resumed from step {step}", data={"step": step})
+
+    def restart(self) -> None:
+        """A recipe that checkpoints nothing runs again from the start: the aborted attempt's points go."""
+        if not self.is_main:
+            return
+        with session_scope(self.sessions) as s:
+            JobRunRepository(s, self.job_id).clear_series()
 
     def heartbeat(self) -> None:
         if not self.is_main:

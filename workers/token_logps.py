@@ -1,10 +1,10 @@
 """Per-token log-probabilities and argmax hits on trained positions only (SFT's loss and accuracy).
 
-The token-level sibling of :class:`workers.modeling.SequenceLogps`: the decoder runs on the whole
+The token-level sibling of :class:`workers.pairs.PairLogps`: the decoder runs on the whole
 batch, the LM head only on the hidden states that predict a ``loss_mask`` token (see the mask
 convention in :mod:`workers.data`), so the ``[B, T, V]`` logits tensor is never built.
 
-Assumption shared with ``SequenceLogps``: the causal LM's logits are ``lm_head(last_hidden_state)``.
+Assumption shared with ``PairLogps``: the causal LM's logits are ``lm_head(last_hidden_state)``.
 Models that post-process logits in their own ``forward`` (Gemma-2 soft-capping, Cohere's
 ``logit_scale``) would need that step added here.
 """
@@ -49,7 +49,7 @@ def token_nll(predictions: TokenPredictions) -> tuple[Tensor, dict[str, float]]:
 class TokenLogps(nn.Module):
     """``forward(input_ids, attention_mask, loss_mask) -> TokenPredictions`` over ``loss_mask`` targets.
 
-    A module so that accelerate/DDP wraps the whole computation (see ``SequenceLogps``).
+    A module so that accelerate/DDP wraps the whole computation (DDP syncs gradients only through the wrapper).
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -8,6 +8,7 @@ view of one job by id; the task boundary commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Select, and_, delete, func, or_, select, update
@@ -28,6 +29,36 @@ def _page_after(stmt: Select[Any], model: Any, cursor: Any | None, *, descending
                                   and_(model.created_at == cursor.created_at, model.id > cursor.id)))
     order = (model.created_at.desc(), model.id.desc()) if descending else (model.created_at, model.id)
     return stmt.order_by(*order)
+
+
+#: Longest ``ft:`` parent chain walked (a chain is acyclic by construction; this bounds a corrupt one).
+MAX_LINEAGE = 64
+
+
+@dataclass
+class Lineage:
+    """Where a model name's weights come from: the registry base, and the archives of the fine-tunes
+    merged onto it, oldest first. ``missing`` names the first link that has no usable archive."""
+
+    base: str
+    adapter_keys: list[str] = field(default_factory=list)
+    missing: str | None = None
+
+
+def lineage(session: Session, organization_id: str, name: str) -> Lineage:
+    """The one walk up an ``ft:`` chain, for the API (estimates) and the worker (loading)."""
+    keys: list[str] = []
+    model = name
+    for _ in range(MAX_LINEAGE):
+        if not model.startswith("ft:"):
+            return Lineage(model, keys)
+        parent = session.scalar(select(Job).where(Job.fine_tuned_model == model,
+                                                  Job.organization_id == organization_id))
+        if parent is None or not parent.adapter_key:
+            return Lineage(model, keys, missing=model)
+        keys.insert(0, parent.adapter_key)
+        model = parent.model
+    return Lineage(model, keys, missing=model)
 
 
 class OrgRepository:
@@ -75,6 +106,9 @@ class OrgRepository:
         return self.session.scalar(
             select(Job).where(Job.fine_tuned_model == name, Job.organization_id == self.org)
         )
+
+    def lineage(self, name: str) -> Lineage:
+        return lineage(self.session, self.org, name)
 
     def fine_tuned_models(self) -> Sequence[Job]:
         return self.session.scalars(
@@ -219,6 +253,9 @@ class JobRunRepository:
     def parent_by_fine_tuned_model(self, organization_id: str, name: str) -> Job | None:
         return self.session.scalar(select(Job).where(Job.fine_tuned_model == name,
                                                      Job.organization_id == organization_id))
+
+    def lineage(self, organization_id: str, name: str) -> Lineage:
+        return lineage(self.session, organization_id, name)
 
     def organization_name(self, organization_id: str) -> str:
         org = self.session.get(Organization, organization_id)

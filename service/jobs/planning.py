@@ -60,13 +60,7 @@ class JobPlan:
 
 def base_model_of(repo: OrgRepository, model: str) -> str:
     """``ft:…`` names → the base model their weights start from (validated by the caller)."""
-    seen = 0
-    while model.startswith("ft:") and seen < 64:
-        parent = repo.job_by_fine_tuned_model(model)
-        if parent is None:
-            break
-        model, seen = parent.model, seen + 1
-    return model
+    return repo.lineage(model).base
 
 
 def _shape(settings: Settings, name: str, notes: list[str]) -> ModelShape | None:
@@ -108,7 +102,7 @@ def _file_tokens(f: File, method: str) -> tuple[int, int | None]:
 
 
 def _steps(examples: int, spec: JobCreate) -> tuple[int, float]:
-    """(total optimizer steps, share of the planned epochs they cover), as ``workers.training.plan_steps``."""
+    """(total optimizer steps, share of the planned epochs they cover), as ``workers.loop.plan_steps``."""
     hp = spec.method.hyperparameters()
     per_step = hp.batch_size if spec.method.type != "ppo" else int(getattr(hp, "rollout_batch_size", 16))
     micro = max(1, math.ceil(examples / per_step))

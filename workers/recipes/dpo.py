@@ -37,13 +37,10 @@ Assumptions
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
-import random
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,175 +51,27 @@ from torch import Tensor, nn
 
 from service.jobs.spec import DpoHyperparameters, LoraTraining
 from service.storage import ObjectNotFound
+from workers import batching as B
 from workers import data as D
-from workers.base_models import load_tokenizer, resolve_base_model
-from workers.checkpointing import checkpoint_key, final_adapter_key
+from workers.checkpoints import ModelWeights
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.loop import backward, run_training
-from workers.losses import dpo_loss, rpo_nll_loss, selective_log_softmax
+from workers.loop import Optimization, backward, gradient_step, make_optimizer, plan_steps, run_training, sync_if
+from workers.losses import dpo_loss, rpo_nll_loss
 from workers.modeling import (
     apply_training_type,
     causal_lm_of,
-    load_causal_lm,
-    merge_adapter,
-    pick_dtype,
+    enable_activation_checkpointing,
+    load_base,
     trainable_parameters,
 )
-from workers.training import make_accelerator, make_optimizer, plan_steps, save_model_archive
+from workers.pairs import LAYOUT_TOLERANCE, PairBatch, PairLogps, collate_plain, collate_shared, shared_layout_supported
+from workers.recipes.common import release, start
 
 CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
-#: Mean |difference| per completion token allowed between the shared-prompt and the plain layout at
-#: the setup check. Rounding gives ~1e-6 in fp32 and ~1e-2 in bf16; a mask or position the model
-#: ignores gives whole nats.
-LAYOUT_TOLERANCE = 0.05
-_SHARED, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
 
 def ref_logps_key(job_id: str) -> str:
     return f"jobs/{job_id}/ref_logps.safetensors"
-
-
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass
-class PairBatch:
-    """Model inputs for ``B`` pairs plus where to read each completion token's log-prob.
-
-    Sequence ``k`` of the output is chosen ``k`` for ``k < B`` and rejected ``k - B`` after. ``src``
-    indexes ``hidden.flatten(0, 1)`` at the position that predicts token ``targets[i]`` of sequence
-    ``seq[i]``. ``attention_mask`` is ``[rows, T]`` (plain layout, padding mask) or ``[B, 1, T, T]``
-    (shared-prompt layout, True = may attend). ``tokens``: real tokens of both sequences (host int).
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor | None
-    src: Tensor
-    targets: Tensor
-    seq: Tensor
-    counts: Tensor
-    tokens: int
-
-    @property
-    def n_pairs(self) -> int:
-        return self.counts.shape[0] // 2
-
-    def to(self, device: torch.device, mask_dtype: torch.dtype | None = None) -> PairBatch:
-        """On ``device``; a 4D boolean mask becomes additive in ``mask_dtype`` if given (eager attention)."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        mask = moved["attention_mask"]
-        if mask_dtype is not None and mask.dim() == 4:
-            moved["attention_mask"] = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(
-                ~mask, torch.finfo(mask_dtype).min)
-        return PairBatch(**moved)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def collate_plain(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch:
-    """``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`` right-padded to one width."""
-    batch = D.collate_pairs(pairs, pad_token_id)
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    targets_mask = loss_mask[:, 1:].bool()
-    rows, cols = targets_mask.nonzero(as_tuple=True)
-    return PairBatch(input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=None,
-                     src=rows * input_ids.shape[1] + cols, targets=input_ids[:, 1:][targets_mask], seq=rows,
-                     counts=targets_mask.sum(dim=1),
-                     tokens=sum(len(p.chosen) + len(p.rejected) for p in pairs))
-
-
-def collate_shared(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch:
-    """One row per pair: the common prefix of chosen and rejected once, then each side's remainder.
-
-    The prefix is the longest run of identical leading tokens (the prompt, and any identical start of
-    the two completions): each token's hidden state depends only on the tokens before it, so it is
-    the same in both sequences. Positions of the rejected remainder restart where the prefix ends, and
-    the mask lets it see the prefix and itself, never the chosen remainder.
-    """
-    n = len(pairs)
-    layouts = []
-    for pair in pairs:
-        chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
-        shared = _common_prefix(chosen, rejected)
-        layouts.append((shared, chosen + rejected[shared:],
-                        list(range(len(chosen))) + list(range(shared, len(rejected)))))
-    width = max(len(ids) for _, ids, _ in layouts)
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), _PAD, dtype=torch.long)
-    src: list[int] = []
-    targets: list[int] = []
-    seq: list[int] = []
-    counts = [0] * (2 * n)
-    for row, (pair, (shared, ids, positions)) in enumerate(zip(pairs, layouts, strict=True)):
-        n_chosen = len(pair.chosen)
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        position_ids[row, :len(ids)] = torch.tensor(positions, dtype=torch.long)
-        segment[row, shared:n_chosen] = _CHOSEN
-        segment[row, n_chosen:len(ids)] = _REJECTED
-        segment[row, :shared] = _SHARED
-        base = row * width
-        for side, sequence, offset in ((0, pair.chosen, 0), (1, pair.rejected, n_chosen - shared)):
-            out = side * n + row
-            for t in range(1, len(sequence)):
-                if sequence.loss_mask[t]:
-                    before = t - 1  # the position whose hidden state predicts token t
-                    src.append(base + (before if before < shared else before + offset))
-                    targets.append(sequence.input_ids[t])
-                    seq.append(out)
-                    counts[out] += 1
-    index = torch.arange(width)
-    causal = index[None, :] <= index[:, None]  # [query, key]
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    allowed = causal & ((seg_k == _SHARED) | (seg_k == seg_q)) & (seg_k != _PAD)
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
-    return PairBatch(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
-                     src=torch.tensor(src, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
-                     seq=torch.tensor(seq, dtype=torch.long), counts=torch.tensor(counts, dtype=torch.long),
-                     tokens=sum(len(p.chosen) + len(p.rejected) for p in pairs))
-
-
-class PairLogps(nn.Module):
-    """``forward(batch) -> (sums [2B], counts [2B])``: completion log-probs of chosen then rejected.
-
-    The decoder runs once over the batch, the LM head on completion positions only. A module so that
-    accelerate/DDP wraps the whole computation (DDP syncs gradients only through the wrapper).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
-        lm = causal_lm_of(self.model)
-        decoder = getattr(lm, lm.base_model_prefix)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids).last_hidden_state
-        selected = hidden.flatten(0, 1).index_select(0, batch.src)
-        token_logps = selective_log_softmax(lm.get_output_embeddings()(selected), batch.targets)
-        sums = token_logps.new_zeros(batch.counts.shape[0]).index_add(0, batch.seq, token_logps)
-        return sums, batch.counts
-
-
-def shared_layout_supported(config: Any) -> bool:
-    """Attention that takes a custom 4D mask, and no sliding window that such a mask would override."""
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        return False
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -270,7 +119,7 @@ class _Tally:
 class DPORecipe:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.hp: DpoHyperparameters = ctx.hyperparameters  # type: ignore[assignment]
+        self.hp = ctx.hyperparameters_as(DpoHyperparameters)
         self.is_lora = isinstance(ctx.training_type, LoraTraining)
         self.last_eval: dict[str, float] = {}
         self.stored_ref: dict[str, Tensor] | None = None
@@ -278,18 +127,11 @@ class DPORecipe:
     # setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         ctx, hp = self.ctx, self.hp
-        torch.manual_seed(ctx.seed)
-        random.seed(ctx.seed)
-        self.accelerator = make_accelerator(hp)
-        base_dir = resolve_base_model(ctx.base_model, ctx.settings)
-        self.tokenizer = load_tokenizer(base_dir)
-        self.dtype = pick_dtype(self.accelerator.device)
-        base = load_causal_lm(base_dir, self.dtype)
-        for key in ctx.parent_adapter_keys:
-            base = merge_adapter(base, ctx.store, key)
+        begun = start(ctx, hp)
+        self.accelerator, self.tokenizer, self.precision = begun.accelerator, begun.tokenizer, begun.precision
+        base = load_base(begun.base_dir, begun.precision.weights, ctx.store, ctx.parent_adapter_keys)
         if hp.gradient_checkpointing:
-            base.gradient_checkpointing_enable()
-            base.enable_input_require_grads()
+            enable_activation_checkpointing(base)
         self.reference: nn.Module | None = None
         if not self.is_lora and not hp.precompute_ref_log_probs:
             self.reference = PairLogps(copy.deepcopy(base).requires_grad_(False).eval())
@@ -298,15 +140,15 @@ class DPORecipe:
         self.eval_pairs = (self._tokenize(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
                            if ctx.validation_file_key else [])
         lengths = [len(p) for p in self.pairs]
-        self.batches_by_epoch = [D.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
+        self.batches_by_epoch = [B.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
                                  for epoch in range(hp.n_epochs)]
-        self.eval_batches = D.length_bucketed_batches([len(p) for p in self.eval_pairs], hp.batch_size,
+        self.eval_batches = B.length_bucketed_batches([len(p) for p in self.eval_pairs], hp.batch_size,
                                                       seed=0, shuffle=False) if self.eval_pairs else []
         self.plan = plan_steps(len(self.batches_by_epoch[0]), hp)
-        self.params = trainable_parameters(self.model)
-        optimizer, scheduler = make_optimizer(self.params, hp, self.plan.total_steps)
-        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
-            PairLogps(self.model), optimizer, scheduler)
+        params = trainable_parameters(self.model)
+        optimizer, scheduler = make_optimizer(params, hp, self.plan.total_steps)
+        self.policy, optimizer, scheduler = self.accelerator.prepare(PairLogps(self.model), optimizer, scheduler)
+        self.optim = Optimization(self.accelerator, optimizer, scheduler, params, hp.max_grad_norm)
         if self.reference is not None:
             self.reference = self.reference.to(self.accelerator.device)
         lm = causal_lm_of(self.model)
@@ -362,7 +204,8 @@ class DPORecipe:
         was_training = module.training
         module.eval()
         try:
-            with torch.no_grad():
+            # the same autocast as the policy's forward (accelerate wraps only the prepared module)
+            with torch.no_grad(), self.accelerator.autocast():
                 if self.is_lora:
                     with module.model.disable_adapter():  # type: ignore[operator,union-attr]
                         return module(batch)  # type: ignore[no-any-return]
@@ -404,8 +247,7 @@ class DPORecipe:
         for position, indices in enumerate(group):
             weight = len(indices) / total
             batch = self._collate([self.pairs[i] for i in indices])
-            sync = position == len(group) - 1
-            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy):
+            with sync_if(self.accelerator, self.policy, position == len(group) - 1):
                 loss, stats = self._loss(batch, self._stored("train", indices))
                 backward(self.accelerator, loss * weight)
             tally.add(stats, weight)
@@ -415,7 +257,7 @@ class DPORecipe:
     # reference log-probs, once -------------------------------------------------------------------
     def _fingerprint(self) -> str:
         digest = hashlib.sha256()
-        digest.update(repr((self.ctx.base_model, self.ctx.parent_adapter_keys, str(self.dtype))).encode())
+        digest.update(repr((self.ctx.base_model, self.ctx.parent_adapter_keys, str(self.precision))).encode())
         for split in (self.pairs, self.eval_pairs):
             digest.update(b"|split|")
             for pair in split:
@@ -503,16 +345,12 @@ class DPORecipe:
             if self.stored_ref is None:
                 ctx.reporter.event("Training stopped: the job was cancelled", level="warn")
                 return TrainResult("cancelled", 0, {})
-        result = run_training(ctx=ctx, hp=hp, accelerator=self.accelerator, model=self.policy,
-                              optimizer=self.optimizer, scheduler=self.scheduler, params=self.params,
+        result = run_training(ctx=ctx, hp=hp, model=self.policy, optim=self.optim,
+                              weights=ModelWeights(self.model, self.tokenizer),
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
-                              step_fn=self._step, save_checkpoint=self.save_checkpoint,
+                              step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
                               evaluate=self.evaluate if self.eval_pairs else None)
-        if result.status != "succeeded":
-            return TrainResult(result.status, result.tokens, result.metrics)
-        key = save_model_archive(ctx, self.accelerator.unwrap_model(self.policy).model, self.tokenizer,
-                                 final_adapter_key(ctx.job_id))
-        return TrainResult("succeeded", result.tokens, result.metrics, adapter_key=key,
+        return TrainResult(result.status, result.tokens, result.metrics, adapter_key=result.adapter_key,
                            summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -533,17 +371,5 @@ class DPORecipe:
                                 data={"step": step, **result})
         return result
 
-    def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
-        model = self.accelerator.unwrap_model(self.policy).model
-        key = save_model_archive(self.ctx, model, self.tokenizer, checkpoint_key(self.ctx.job_id, step))
-        self.ctx.reporter.checkpoint(step, {k: v for k, v in metrics.items() if k in CHECKPOINT_METRICS}, key)
-
     def cleanup(self) -> None:
-        if hasattr(self, "accelerator"):
-            self.accelerator.free_memory()
-        for name in ("policy", "model", "reference", "optimizer", "scheduler", "stored_ref"):
-            if hasattr(self, name):
-                delattr(self, name)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
+        release(self, "policy", "model", "reference", "optim", "stored_ref")

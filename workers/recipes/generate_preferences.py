@@ -5,7 +5,7 @@ makes pairs without annotators, in one of two ways (or both):
 
 - ``judge`` (RLAIF with a trained judge): ``k`` responses per prompt are sampled from ``model`` and
   scored by the judge, a succeeded ``reward_model`` job's ``fine_tuned_model`` (loaded with
-  ``workers.recipes.reward_model.load_reward_model``, scored with its ``score``). The pair is the
+  ``workers.reward_scoring.load_reward_model_ref``, scored with its ``score``). The pair is the
   best-scored response (chosen) over the worst-scored one (rejected), both scores kept.
 - ``constitution`` (constitutional self-critique, Bai et al. 2022): one response per prompt is
   sampled; a principle is drawn from the list (seeded), the same model is asked to critique its
@@ -25,9 +25,10 @@ Features
   original).
 - Output: TRL conversational preference lines ``{"prompt": [messages], "chosen": [assistant msg],
   "rejected": [assistant msg], "chosen_score", "rejected_score"}`` (scores only when a judge scored),
-  registered through ``service.files.create_file`` (validated and analysed like an upload, owned by
-  the job's organization, purpose ``fine-tune``, filename ``<job id>-preferences.jsonl``); the job
-  lists it in ``result_files`` and has no ``fine_tuned_model``. A DPO or reward_model job takes it.
+  returned to the runner, which registers it through ``service.files.create_file`` (validated and
+  analysed like an upload, owned by the job's organization, purpose ``fine-tune``, filename
+  ``<job id>-preferences.jsonl``); the job lists it in ``result_files`` and has no
+  ``fine_tuned_model``. A DPO or reward_model job takes it.
 - One "step" per generation batch (progress, ETA, events); metrics (cumulative): ``pairs/kept``,
   ``pairs/dropped_margin``, ``pairs/dropped_identical``, ``pairs/dropped_empty``,
   ``pairs/dropped_judge``, ``pairs/prompts``, ``pairs/generated`` (responses sampled), and with a
@@ -47,7 +48,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -58,16 +58,14 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from service.db.engine import session_scope
-from service.db.repositories import JobRunRepository, OrgRepository
-from service.errors import APIError
-from service.files import create_file, present_file
 from service.jobs.spec import GeneratePreferencesHyperparameters
+from workers import data as D
 from workers.base_models import load_tokenizer, resolve_base_model
-from workers.checkpointing import fetch_adapter
+from workers.batching import left_pad
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.modeling import load_causal_lm, merge_adapter, pick_dtype
-from workers.recipes.ppo import left_pad, normalize_prompt, prompt_ids, resolve_reward_model
+from workers.modeling import choose_precision, eos_token_ids, load_base
+from workers.recipes.common import release, seed_everything
+from workers.reward_scoring import load_reward_model_ref, score
 
 PARAM = "method.generate_preferences.hyperparameters"
 JUDGE_PARAM = f"{PARAM}.judge"
@@ -106,10 +104,36 @@ def best_over_worst(texts: Sequence[str], scores: Sequence[float]) -> tuple[int,
     return order[0], order[-1]
 
 
+def drop_reason(chosen: str, rejected: str, scores: tuple[float, float] | None, *, revised: bool,
+                min_margin: float) -> str | None:
+    """Why a candidate pair is dropped, or None to keep it. ``revised``: the pair is (revision,
+    original) and a judge's ``scores`` must prefer the revision."""
+    if not chosen or not rejected:
+        return "empty"
+    if chosen == rejected:
+        return "identical"
+    if scores is not None:
+        gap = scores[0] - scores[1]
+        if revised and gap <= 0:
+            return "judge"
+        if gap < min_margin:
+            return "margin"
+    return None
+
+
 class GeneratePreferencesRecipe:
+    #: nothing is checkpointed: a resumed job generates again from the first prompt (the runner clears
+    #: the aborted attempt's metric points first)
+    resumes = False
+
+    @staticmethod
+    def model_references(hp: Any) -> dict[str, tuple[str | None, str, str]]:
+        """Fields naming other jobs' models: field -> (name, param, required method type)."""
+        return {"judge": (hp.judge, JUDGE_PARAM, "reward_model")}
+
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.hp: GeneratePreferencesHyperparameters = ctx.hyperparameters  # type: ignore[assignment]
+        self.hp = ctx.hyperparameters_as(GeneratePreferencesHyperparameters)
         self.judge: tuple[nn.Module, PreTrainedTokenizerBase] | None = None
         self.counts: Counter[str] = Counter()
         self.gaps: list[float] = []
@@ -126,59 +150,36 @@ class GeneratePreferencesRecipe:
         if self.budget < 1:
             raise JobFailure("invalid_hyperparameters", f"max_length ({hp.max_length}) must exceed "
                              f"max_new_tokens ({hp.max_new_tokens})", f"{PARAM}.max_length")
-        torch.manual_seed(ctx.seed)
-        random.seed(ctx.seed)
+        seed_everything(ctx.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         base_dir = resolve_base_model(ctx.base_model, ctx.settings)
         self.tokenizer = load_tokenizer(base_dir)
-        self.prompts = [normalize_prompt(row) for row in ctx.read_jsonl(ctx.training_file_key)]
+        self.prompts = [D.normalize_prompt(row) for row in ctx.read_jsonl(ctx.training_file_key)]
         if not self.prompts:
             raise JobFailure("invalid_training_file", "training_file holds no prompts", "training_file")
-        dtype = pick_dtype(self.device)
-        model = load_causal_lm(base_dir, dtype)
-        for key in ctx.parent_adapter_keys:
-            model = merge_adapter(model, ctx.store, key)
+        dtype = choose_precision(ctx.training_type, self.device.type).compute
+        model = load_base(base_dir, dtype, ctx.store, ctx.parent_adapter_keys)
         self.model: PreTrainedModel = model.requires_grad_(False).eval().to(self.device)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         if hp.judge:
             self.judge = self._load_judge(hp.judge, dtype)
         self.principles = random.Random(ctx.seed).choices(hp.constitution, k=len(self.prompts)) \
             if hp.constitution else []
 
-    def _eos_ids(self) -> list[int]:
-        generation = self.model.generation_config
-        configured = generation.eos_token_id if generation is not None else None
-        ids = configured if isinstance(configured, list) else [configured]
-        return list(dict.fromkeys(int(i) for i in [*ids, self.tokenizer.eos_token_id] if i is not None))
-
     def _load_judge(self, name: str, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-        """The judge's reward-model job, re-checked here (never trusted from the request)."""
-        from workers.recipes.reward_model import load_reward_model
-
-        ctx = self.ctx
-        try:
-            ref = resolve_reward_model(ctx, name)
-        except JobFailure as failure:
-            failure.message = failure.message.replace("reward_model '", "judge '")
-            failure.param = JUDGE_PARAM
-            raise
-        directory = Path(tempfile.mkdtemp(dir=ctx.workdir))
-        adapter_dir = fetch_adapter(ctx.store, ref.adapter_key, directory / "judge")
-        parents = [fetch_adapter(ctx.store, key, directory / f"parent-{i}")
-                   for i, key in enumerate(ref.parent_adapter_keys)]
-        judge_base = resolve_base_model(ref.base_model, ctx.settings)
-        model, tokenizer = load_reward_model(judge_base, adapter_dir, parent_adapter_dirs=parents,
-                                             dtype=dtype, device=self.device)
-        ctx.reporter.event(f"Judge {name} loaded (reward_model job {ref.job_id})",
-                           data={"judge": name, "judge_job": ref.job_id})
-        return model, tokenizer
+        """The judge's reward-model job, resolved by the runner (never trusted from the request)."""
+        ref = self.ctx.reference("judge")
+        judge = load_reward_model_ref(self.ctx, ref, dtype=dtype, device=self.device)
+        self.ctx.reporter.event(f"Judge {name} loaded (reward_model job {ref.job_id})",
+                                data={"judge": name, "judge_job": ref.job_id})
+        return judge
 
     # generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, conversations: Sequence[Messages], n: int, seed: int) -> list[list[str]]:
         """``n`` sampled responses (stripped text, cut at the end-of-turn token) per conversation."""
         hp = self.hp
-        ids = [prompt_ids(messages, self.tokenizer, self.budget) for messages in conversations]
+        ids = [D.prompt_ids(messages, self.tokenizer, self.budget) for messages in conversations]
         queries, mask = left_pad(ids, self.tokenizer.pad_token_id)
         config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=0,
                                   max_new_tokens=hp.max_new_tokens, eos_token_id=self.eos_ids,
@@ -196,8 +197,6 @@ class GeneratePreferencesRecipe:
         return texts
 
     def _scores(self, items: Sequence[tuple[Messages, str]]) -> list[float]:
-        from workers.recipes.reward_model import score
-
         if not items:
             return []
         assert self.judge is not None
@@ -207,23 +206,10 @@ class GeneratePreferencesRecipe:
         return [float(v) for v in values.tolist()]
 
     # pairing ---------------------------------------------------------------------------------------
-    def _keep(self, chosen: str, rejected: str, scores: tuple[float, float] | None) -> str | None:
-        """The drop reason for a candidate pair, or None to keep it."""
-        if not chosen or not rejected:
-            return "empty"
-        if chosen == rejected:
-            return "identical"
-        if scores is not None:
-            gap = scores[0] - scores[1]
-            if self.hp.constitution and gap <= 0:
-                return "judge"
-            if gap < self.hp.min_margin:
-                return "margin"
-        return None
-
     def _record(self, lines: list[dict[str, Any]], prompt: Messages, chosen: str, rejected: str,
                 scores: tuple[float, float] | None, metadata: dict[str, Any] | None = None) -> None:
-        reason = self._keep(chosen, rejected, scores)
+        reason = drop_reason(chosen, rejected, scores, revised=bool(self.hp.constitution),
+                             min_margin=self.hp.min_margin)
         if reason is not None:
             self.counts[f"dropped_{reason}"] += 1
             return
@@ -303,9 +289,6 @@ class GeneratePreferencesRecipe:
         ctx.reporter.event(f"Preference generation started: {mode} on {ctx.model}, {len(self.prompts)} "
                            f"prompts, {per_prompt} generations each, {total} batches",
                            data={"total_steps": total, "prompts": len(self.prompts), "k": hp.k})
-        if ctx.reporter.is_main:  # a resumed job starts again from the first prompt
-            with session_scope(ctx.reporter.sessions) as session:
-                JobRunRepository(session, ctx.job_id).clear_series()
         path = Path(ctx.workdir) / output_filename(ctx.job_id)
         began = time.perf_counter()
         with path.open("w", encoding="utf-8") as out:
@@ -336,9 +319,8 @@ class GeneratePreferencesRecipe:
             raise JobFailure("no_pairs_kept", f"no preference pair was kept out of {summary['prompts']} "
                              f"prompts (dropped: {dropped}); lower min_margin, raise k or temperature, or "
                              "use more prompts", param)
-        file_id = self._register(path)
-        return TrainResult("succeeded", self.tokens, self.metrics(), step=total, output_file_id=file_id,
-                           summary={**summary, "result_files": [file_id]})
+        return TrainResult("succeeded", self.tokens, self.metrics(), step=total, summary=summary,
+                           output_path=path, output_filename=output_filename(ctx.job_id))
 
     def _stopped(self, reason: str, step: int) -> TrainResult:
         status = "paused" if reason == "pause" else "cancelled"
@@ -347,34 +329,8 @@ class GeneratePreferencesRecipe:
                                     "resumed job generates again from the first prompt", level="warn")
         return TrainResult(status, self.tokens, self.metrics(), step=step)
 
-    def _register(self, path: Path) -> str:
-        """The output as a normal file object of the job's organization (validated and analysed)."""
-        ctx = self.ctx
-        with session_scope(ctx.reporter.sessions) as session:
-            org = JobRunRepository(session, ctx.job_id).job().organization_id
-            try:
-                with path.open("rb") as stream:
-                    row = create_file(OrgRepository(session, org), ctx.store, ctx.settings.limits,
-                                      filename=output_filename(ctx.job_id), purpose="fine-tune",
-                                      stream=stream)
-            except APIError as exc:
-                raise JobFailure("output_file_error",
-                                 f"the preference file could not be stored: {exc}") from exc
-            file = present_file(row)
-        if file["status"] != "processed":
-            raise JobFailure("output_file_error", f"the generated preference file {file['id']} did not "
-                             f"validate: {file['status_details']}")
-        ctx.reporter.event(f"Preference file {file['id']} created: {file['examples']} pairs, "
-                           f"{file['bytes']} bytes",
-                           data={"file": file["id"], "examples": file["examples"], "bytes": file["bytes"]})
-        return str(file["id"])
-
     def cleanup(self) -> None:
-        for name in ("model", "judge"):
-            if hasattr(self, name):
-                delattr(self, name)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release(self, "model", "judge")
 
 
-__all__ = ["GeneratePreferencesRecipe", "best_over_worst", "output_filename", "preference_line"]
+__all__ = ["GeneratePreferencesRecipe", "best_over_worst", "drop_reason", "output_filename", "preference_line"]

@@ -25,62 +25,51 @@ Assumptions
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
 
 from service.jobs.spec import LoraTraining, SupervisedHyperparameters
+from workers import batching as B
 from workers import data as D
-from workers.base_models import load_tokenizer, resolve_base_model
-from workers.checkpointing import checkpoint_key, final_adapter_key
+from workers.checkpoints import ModelWeights
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.loop import accumulate, run_training
-from workers.modeling import (
-    apply_training_type,
-    load_causal_lm,
-    merge_adapter,
-    pick_dtype,
-    trainable_parameters,
-)
+from workers.loop import Optimization, accumulate, gradient_step, make_optimizer, plan_steps, run_training
+from workers.modeling import apply_training_type, enable_activation_checkpointing, load_base, trainable_parameters
+from workers.recipes.common import release, start
 from workers.token_logps import TokenLogps, token_nll
-from workers.training import make_accelerator, make_optimizer, plan_steps, save_model_archive
+
+CHECKPOINT_METRICS = ("loss", "mean_token_accuracy", "learning_rate")
 
 
 class SFTRecipe:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.hp: SupervisedHyperparameters = ctx.hyperparameters  # type: ignore[assignment]
+        self.hp = ctx.hyperparameters_as(SupervisedHyperparameters)
         self.is_lora = isinstance(ctx.training_type, LoraTraining)
         self.last_eval: dict[str, float] = {}
 
     # setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         ctx, hp = self.ctx, self.hp
-        torch.manual_seed(ctx.seed)
-        random.seed(ctx.seed)
-        self.accelerator = make_accelerator(hp)
-        base_dir = resolve_base_model(ctx.base_model, ctx.settings)
-        self.tokenizer = load_tokenizer(base_dir)
+        begun = start(ctx, hp)
+        self.accelerator, self.tokenizer = begun.accelerator, begun.tokenizer
         self.examples = self._tokenize(ctx.read_jsonl(ctx.training_file_key), "training_file")
         self.eval_examples = (self._tokenize(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
                               if ctx.validation_file_key else [])
         self.trained_counts = [sum(example.loss_mask) for example in self.examples]
-        base = load_causal_lm(base_dir, pick_dtype(self.accelerator.device))
-        for key in ctx.parent_adapter_keys:
-            base = merge_adapter(base, ctx.store, key)
+        base = load_base(begun.base_dir, begun.precision.weights, ctx.store, ctx.parent_adapter_keys)
         if hp.gradient_checkpointing:
-            base.gradient_checkpointing_enable()
-            base.enable_input_require_grads()
+            enable_activation_checkpointing(base)
         self.model = apply_training_type(base, ctx.training_type, ctx.seed)
         lengths = [len(example) for example in self.examples]
-        self.batches_by_epoch = [D.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
+        self.batches_by_epoch = [B.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
                                  for epoch in range(hp.n_epochs)]
         self.plan = plan_steps(len(self.batches_by_epoch[0]), hp)
-        self.params = trainable_parameters(self.model)
-        optimizer, scheduler = make_optimizer(self.params, hp, self.plan.total_steps)
-        prepared = self.accelerator.prepare(TokenLogps(self.model), optimizer, scheduler)
-        self.policy, self.optimizer, self.scheduler = prepared
+        params = trainable_parameters(self.model)
+        optimizer, scheduler = make_optimizer(params, hp, self.plan.total_steps)
+        self.policy, optimizer, scheduler = self.accelerator.prepare(TokenLogps(self.model), optimizer, scheduler)
+        self.optim = Optimization(self.accelerator, optimizer, scheduler, params, hp.max_grad_norm)
 
     def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[D.TokenizedExample]:
         max_length = self.hp.max_length
@@ -107,7 +96,7 @@ class SFTRecipe:
 
     # one micro-batch -----------------------------------------------------------------------------
     def _batch(self, examples: list[D.TokenizedExample]) -> dict[str, torch.Tensor]:
-        batch = D.collate_supervised(examples, self.tokenizer.pad_token_id)
+        batch = B.collate_supervised(examples, self.tokenizer.pad_token_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _forward(self, examples: list[D.TokenizedExample]) -> tuple[Any, int]:
@@ -132,23 +121,19 @@ class SFTRecipe:
         ctx.reporter.event(f"Fine-tuning started: supervised ({kind}) on {ctx.model}, {len(self.examples)} "
                            f"examples, {sum(self.trained_counts)} trained tokens, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "examples": len(self.examples)})
-        result = run_training(ctx=ctx, hp=hp, accelerator=self.accelerator, model=self.policy,
-                              optimizer=self.optimizer, scheduler=self.scheduler, params=self.params,
+        result = run_training(ctx=ctx, hp=hp, model=self.policy, optim=self.optim,
+                              weights=ModelWeights(self.model, self.tokenizer),
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
-                              step_fn=self._step, save_checkpoint=self.save_checkpoint,
+                              step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
                               evaluate=self.evaluate if self.eval_examples else None)
-        if result.status != "succeeded":
-            return TrainResult(result.status, result.tokens, result.metrics)
-        key = save_model_archive(ctx, self.accelerator.unwrap_model(self.policy).model, self.tokenizer,
-                                 final_adapter_key(ctx.job_id))
-        return TrainResult("succeeded", result.tokens, result.metrics, adapter_key=key,
+        return TrainResult(result.status, result.tokens, result.metrics, adapter_key=result.adapter_key,
                            summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
     def evaluate(self, step: int) -> dict[str, float]:
         self.policy.eval()
         nll, correct, count = 0.0, 0, 0
         with torch.no_grad():
-            for indices in D.length_bucketed_batches([len(e) for e in self.eval_examples], self.hp.batch_size,
+            for indices in B.length_bucketed_batches([len(e) for e in self.eval_examples], self.hp.batch_size,
                                                      seed=0, shuffle=False):
                 predictions, _ = self._forward([self.eval_examples[i] for i in indices])
                 nll -= float(predictions.logps.sum())
@@ -163,19 +148,5 @@ class SFTRecipe:
                                 data={"step": step, **result})
         return result
 
-    def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
-        model = self.accelerator.unwrap_model(self.policy).model
-        key = save_model_archive(self.ctx, model, self.tokenizer, checkpoint_key(self.ctx.job_id, step))
-        self.ctx.reporter.checkpoint(step, {k: v for k, v in metrics.items() if k in CHECKPOINT_METRICS}, key)
-
     def cleanup(self) -> None:
-        if hasattr(self, "accelerator"):
-            self.accelerator.free_memory()
-        for name in ("policy", "model", "optimizer", "scheduler"):
-            if hasattr(self, name):
-                delattr(self, name)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-CHECKPOINT_METRICS = ("loss", "mean_token_accuracy", "learning_rate")
+        release(self, "policy", "model", "optim")

@@ -1,0 +1,210 @@
+"""Checkpoints and result archives: what a job saves, where, and how a later attempt resumes from it.
+
+An archive is one ``.tar.gz`` object in the store (``jobs/<id>/step_<n>/adapter.tar.gz`` for a
+checkpoint, ``jobs/<id>/adapter.tar.gz`` for the result) whose files sit at its top level, so that
+extracting it gives a directory ``peft.PeftModel.from_pretrained`` (or ``from_pretrained`` for a
+full fine-tune) loads directly. A checkpoint also holds ``training_state.pt``: optimizer and
+scheduler state, the RNG states, the step, the tokens seen, the last metrics and whatever extra state
+the recipe keeps (PPO's KL controller, sampler and value function). The data position follows from
+the step, because batches are planned deterministically from the job's seed.
+
+The archive is uploaded as a single object and its database row is written after the upload, so a
+checkpoint is either complete or invisible. ``training_state.pt`` is written by the worker itself and
+read with ``weights_only=True``: no pickled code is ever executed.
+
+What a model's weights are is the recipe's business (one adapter, several adapters and a head, full
+weights): it hands a :class:`Weights` to the loop, which calls it for every checkpoint and resume.
+Under several ranks only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from workers.distributed import is_main_process
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from service.storage import ObjectStore
+    from workers.context import JobContext
+
+STATE_FILE = "training_state.pt"
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    return f"jobs/{job_id}/step_{step}/adapter.tar.gz"
+
+
+def final_adapter_key(job_id: str) -> str:
+    return f"jobs/{job_id}/adapter.tar.gz"
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def archive_dir(directory: Path, archive: Path) -> Path:
+    """Files at the archive's top level, so extracting gives a directory peft loads directly."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return archive
+
+
+def store_dir_archive(store: ObjectStore, directory: Path, key: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = archive_dir(directory, Path(tmp) / "adapter.tar.gz")
+        store.put_file(key, archive)
+    return key
+
+
+def extract_archive(archive: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def fetch_adapter(store: ObjectStore, key: str, target: Path) -> Path:
+    """The archive at ``key`` extracted into ``target`` (an adapter or a full model directory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "adapter.tar.gz"
+        store.download_file(key, local)
+        return extract_archive(local, target)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class Weights(Protocol):
+    """A recipe's trained weights as files: written into a checkpoint, restored from one."""
+
+    def write(self, directory: Path) -> None: ...
+
+    def restore(self, directory: Path) -> None: ...
+
+
+def _find(model: nn.Module, kind: type) -> Any:
+    for module in model.modules():
+        if isinstance(module, kind):
+            return module
+    return None
+
+
+def restore_weights(model: nn.Module, directory: Path, adapter_name: str = "default") -> None:
+    """Load a saved adapter (or full weights) into the live, possibly wrapped, model in place."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    peft_model = _find(model, PeftModel)
+    if peft_model is not None:
+        weights = load_file(str(directory / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
+        return
+    full = _find(model, PreTrainedModel)
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    _, unexpected = full.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
+
+
+@dataclass
+class ModelWeights:
+    """One model: a peft adapter directory (LoRA) or full safetensors weights with the tokenizer."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    def write(self, directory: Path) -> None:
+        from peft import PeftModel
+
+        self.model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
+        if not isinstance(self.model, PeftModel) and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    def restore(self, directory: Path) -> None:
+        restore_weights(self.model, directory)
+
+
+def save_archive(ctx: JobContext, weights: Weights, key: str, state: dict[str, Any] | None = None) -> str:
+    """``weights`` (plus a training state, for a checkpoint) archived to ``key``; rank 0 writes."""
+    if not is_main_process():
+        return key
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        out = Path(tmp) / "model"
+        out.mkdir()
+        weights.write(out)
+        if state is not None:
+            torch.save(state, out / STATE_FILE)
+        store_dir_archive(ctx.store, out, key)
+        shutil.rmtree(out, ignore_errors=True)
+    return key
+
+
+def save_checkpoint(ctx: JobContext, weights: Weights, step: int, metrics: dict[str, float],
+                    state: dict[str, Any]) -> str:
+    """A resumable checkpoint of ``step``, then its row (the row only once the archive is complete)."""
+    key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step), state)
+    ctx.reporter.checkpoint(step, metrics, key)
+    return key
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def _python_rng_as_tensor() -> torch.Tensor:
+    version, internal, gauss = random.getstate()
+    return torch.tensor([version, *internal, -1 if gauss is None else 1], dtype=torch.int64)
+
+
+def _restore_python_rng(value: torch.Tensor) -> None:
+    items = value.tolist()
+    random.setstate((items[0], tuple(items[1:-1]), None))
+
+
+def capture_state(*, step: int, tokens: int, metrics: dict[str, float], optimizer: Any, scheduler: Any,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "step": step,
+        "tokens": tokens,
+        "metrics": dict(metrics),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": _python_rng_as_tensor(),
+        "extra": extra or {},
+    }
+
+
+def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer: Any, scheduler: Any,
+                      workdir: Path) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint archive; returns its state
+    (the recipe's ``extra`` state included, for the caller to hand back)."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        directory = fetch_adapter(store, key, Path(tmp) / "checkpoint")
+        weights.restore(directory)
+        state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    _restore_python_rng(state["python_rng"])
+    return state
