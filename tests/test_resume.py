@@ -94,6 +94,78 @@ def test_sigkill_after_first_checkpoint_resumes_to_the_same_adapter(env_and_api)
     assert [round(p["value"], 5) for p in our_losses] == [round(p["value"], 5) for p in ref_losses]
 
 
+PPO_STEPS = 6
+
+
+def checkpoint_steps(api: Api, headers: dict[str, str], job_id: str) -> list[int]:
+    data = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints?limit=100", headers=headers).json()["data"]
+    return sorted(c["step_number"] for c in data)
+
+
+def test_ppo_sigkill_after_a_checkpoint_resumes_to_the_same_policy(env_and_api) -> None:  # type: ignore[no-untyped-def]
+    """PPO on the shared loop: the checkpoint holds policy, value, optimizer, KL controller and sampler,
+    so the resumed job's steps k+1.. are the uninterrupted run's and its adapter is the same."""
+    import json
+
+    env, api, tmp = env_and_api
+    settings = make_settings(tmp / "data")
+    headers = api.key("acme")
+    get = lambda p: api.client.get(p, headers=headers)  # noqa: E731
+
+    def upload(rows: list[dict[str, object]]) -> str:
+        content = "\n".join(json.dumps(r) for r in rows)
+        return str(api.client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
+                                   files={"file": ("f.jsonl", content)}).json()["id"])
+
+    def create(body: dict[str, object]) -> dict[str, object]:
+        r = api.client.post("/v1/fine_tuning/jobs", headers=headers, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    with celery_worker(settings, env, tmp / "worker0.log"):
+        rm = create({"model": "tiny-random-llama", "training_file": upload(PREFERENCE_ROWS), "seed": 1,
+                     "method": {"type": "reward_model", "reward_model": {"hyperparameters": {
+                         "batch_size": 8, "max_steps": 2, "learning_rate": 1e-3}}}})
+        rm = wait_for_job(get, str(rm["id"]), timeout=240)
+        assert rm["status"] == "succeeded", (tmp / "worker0.log").read_text()[-3000:]
+    prompts = upload([{"prompt": r["prompt"]} for r in PREFERENCE_ROWS[:8]])
+    body = {"model": "tiny-random-llama", "training_file": prompts, "seed": 5,
+            "method": {"type": "ppo", "ppo": {"hyperparameters": {
+                "reward_model": rm["fine_tuned_model"], "rollout_batch_size": 4, "mini_batch_size": 2,
+                "max_new_tokens": 3, "ppo_epochs": 2, "temperature": 0.7, "learning_rate": 1e-3,
+                "n_epochs": 3, "max_steps": PPO_STEPS, "checkpoint_every_steps": 2}}}}
+    job = create(body)
+    with celery_worker(settings, env, tmp / "worker1.log") as worker:
+        deadline = time.time() + 180
+        while time.time() < deadline and not checkpoint_steps(api, headers, str(job["id"])):
+            time.sleep(0.05)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    killed_at = get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert killed_at["status"] == "running" and killed_at["progress"]["step"] < PPO_STEPS
+    time.sleep(2.5)
+    cfg = ReconcilerSettings(heartbeat_timeout=2.0, requeue_after=0, max_restarts=3)
+    assert reconcile_once(api.state, cfg)["recovered"] == 1
+    with celery_worker(settings, env, tmp / "worker2.log"):
+        done = wait_for_job(get, str(job["id"]), timeout=300)
+        assert done["status"] == "succeeded", (tmp / "worker2.log").read_text()[-3000:]
+        reference = create(body)
+        assert wait_for_job(get, str(reference["id"]), timeout=300)["status"] == "succeeded"
+    assert loss_steps(api, headers, str(job["id"])) == list(range(1, PPO_STEPS + 1))  # each step once
+    assert checkpoint_steps(api, headers, str(job["id"])) == [2, 4, 6]  # each checkpoint row once
+    events = [e["message"] for e in get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=500").json()["data"]]
+    resumed = [m for m in events if m.startswith("resumed from step")]
+    assert len(resumed) == 1 and int(resumed[0].split()[-1]) in (2, 4)
+    ours, theirs = adapter_tensors(api, headers, str(job["id"])), adapter_tensors(api, headers, str(reference["id"]))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=name)
+    for metric in ("objective/scores", "loss/value_avg", "kl_coef"):
+        series = [get(f"/v1/fine_tuning/jobs/{j}/metrics?name={metric}").json()["data"]
+                  for j in (job["id"], reference["id"])]
+        assert [round(p["value"], 5) for p in series[0]] == [round(p["value"], 5) for p in series[1]], metric
+
+
 def test_pause_checkpoints_and_resume_continues(env_and_api) -> None:  # type: ignore[no-untyped-def]
     env, api, tmp = env_and_api
     settings = make_settings(tmp / "data")
