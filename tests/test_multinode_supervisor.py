@@ -413,3 +413,38 @@ def test_multinode_kubernetes_objects_map_to_group_status() -> None:
     assert group_phase(evicted, 2) == "failed"
     done = {"status": {"conditions": [{"type": "Completed", "status": "True"}]}}
     assert group_phase(group_status_from(done, [pod(0, "Succeeded", t0)]), 2) == "succeeded"
+
+
+def test_multinode_api_errors_are_ridden_out_and_a_refused_submit_fails_the_job(running_job: Any) -> None:
+    api, headers, job_id = running_job
+
+    class Flaky(FakeCluster):
+        """The API server answers two status calls with errors (a restart, say), then works."""
+
+        errors = 2
+
+        def status(self, name: str) -> GroupStatus:
+            if self.submitted and self.errors:
+                self.errors -= 1
+                raise ConnectionResetError("the API server went away")
+            return super().status(name)
+
+    cluster, clock = Flaky(api.state.sessions, [Script(steps=2)]), Clock()
+    assert supervisor(api, job_id, cluster, clock).run() == "succeeded" and cluster.errors == 0
+
+    class Refusing(FakeCluster):
+        def submit(self, group: RankGroup) -> None:
+            raise PermissionError('jobsets.jobset.x-k8s.io is forbidden: cannot create resource "jobsets"')
+
+    headers2 = api.key("other")
+    f = api.client.post("/v1/files", headers=headers2, files={"file": ("p.jsonl", jsonl(PREFERENCE_ROWS))},
+                        data={"purpose": "fine-tune"}).json()
+    second = api.client.post("/v1/fine_tuning/jobs", headers=headers2, json={
+        "model": "tiny-random-llama", "training_file": f["id"], "method": {"type": "dpo"},
+        "resources": {"nodes": NODES, "gpus_per_node": 1}}).json()["id"]
+    with session_scope(api.state.sessions) as session:
+        assert JobRunRepository(session, second).claim("alignd-supervisor@test")
+    refused = supervisor(api, second, Refusing(api.state.sessions, []), Clock()).run()
+    assert refused == "failed"
+    error = job(api, headers2, second)["error"]
+    assert error["code"] == "launch_failed" and "forbidden" in error["message"]

@@ -121,6 +121,7 @@ class SupervisorTimeouts:
     pause_s: float = 900.0    # rank 0 checkpoints and uploads, then every rank exits
     cancel_s: float = 120.0   # ranks stop at their next step
     delete_s: float = 300.0   # a deleted group's pods terminate (their grace period)
+    api_errors: int = 10      # consecutive failed status calls (API server restarts, network) tolerated
 
 
 @dataclass
@@ -184,13 +185,18 @@ class JobSetSupervisor:
 
     def _attempt(self) -> str:
         group = self.group
-        self.backend.submit(group)
+        try:
+            self.backend.submit(group)
+        except Exception as exc:  # noqa: BLE001 - refused (webhook, RBAC, quota object): retrying will not help
+            log.exception("job %s: submitting %s failed", self.job_id, group.name)
+            return self._fail("launch_failed", f"could not submit {group.name}: {type(exc).__name__}: {exc}"[:800],
+                              {"jobset": group.name})
         self.reporter.event(f"Submitted {group.name}: {group.nodes} nodes × {group.gpus_per_node} GPUs",
                             data={"jobset": group.name, "nodes": group.nodes, "gpus_per_node": group.gpus_per_node})
         attempt = _Attempt()
         while True:
             self.reporter.heartbeat()
-            status = self.backend.status(group.name)
+            status = self._poll(group.name)
             phase = group_phase(status, group.nodes)
             self._mirror(attempt, status, phase)
             if phase == "succeeded":
@@ -225,6 +231,19 @@ class JobSetSupervisor:
             self.sleep(self.timeouts.poll_s)
 
     # ---------------------------------------------------------------------------------- pieces
+
+    def _poll(self, name: str) -> GroupStatus:
+        """``backend.status``, riding out up to ``api_errors`` failures in a row (then the error is raised)."""
+        for failures in range(1, self.timeouts.api_errors + 1):
+            try:
+                return self.backend.status(name)
+            except Exception:  # noqa: BLE001
+                if failures == self.timeouts.api_errors:
+                    raise
+                log.warning("job %s: reading %s failed (%d in a row); retrying", self.job_id, name, failures,
+                            exc_info=True)
+                self.sleep(self.timeouts.poll_s)
+        raise AssertionError("unreachable")
 
     def _mirror(self, attempt: _Attempt, status: GroupStatus, phase: GroupPhase) -> None:
         total = self.group.nodes
