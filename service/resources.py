@@ -46,10 +46,17 @@ Multi-GPU: DDP (the default) replicates all of the above on every device, with t
 FSDP (``FULL_SHARD``, chosen for full fine-tunes that DDP cannot fit) divides weights, gradients
 and optimizer state by N and keeps activations per device.
 
+Multi-node (``resources.nodes`` = M > 1, ``gpus_per_node`` = G): the same arithmetic over a world of
+M×G ranks. A full fine-tune is sharded with FSDP across all M×G ranks (weights, gradients and
+optimizer state divide by M×G; one layer is gathered in full at a time); LoRA runs DDP, which
+replicates the frozen base and the adapters on every rank. Either way each rank takes
+``ceil(batch / (M×G))`` sequences of a global batch.
+
 Routing: ``ALIGND_QUEUES`` lists queues with the memory of one device of their workers and how many
-devices a worker has. A job goes to the smallest queue that holds its per-device estimate and its
-device count; if none does it is refused (``insufficient_resources``) with what it needs and what
-the largest queue offers.
+devices a worker (or, for a ``multinode`` queue, one node) has. A job goes to the smallest queue that
+holds its per-device estimate and its device count; a job on several nodes only to a ``multinode``
+queue with enough GPUs per node and nodes. If none does it is refused (``insufficient_resources``)
+with what it needs and what the largest queue offers.
 """
 
 from __future__ import annotations
@@ -198,7 +205,7 @@ class JobShape:
 @dataclass
 class MemoryEstimate:
     bytes: int                        # per device
-    devices: int
+    devices: int                      # world size: all ranks on all nodes
     strategy: str                     # single | ddp | fsdp
     parameters: int
     trainable_parameters: int
@@ -206,6 +213,7 @@ class MemoryEstimate:
     sequence_length: int
     components: dict[str, int] = field(default_factory=dict)
     precision: str = RECIPE_PRECISION.name
+    nodes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,8 +228,11 @@ def _micro_sequences(job: JobShape, devices: int) -> int:
 
 def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strategy: str | None = None,
                     sequence_length: int | None = None, reward_model: ModelShape | None = None,
-                    precision: Precision = RECIPE_PRECISION) -> MemoryEstimate:
-    """Peak memory of one device for ``job`` on ``model`` (see the module docstring for each term)."""
+                    precision: Precision = RECIPE_PRECISION, nodes: int = 1) -> MemoryEstimate:
+    """Peak memory of one device for ``job`` on ``model`` (see the module docstring for each term).
+
+    ``devices`` is the world size (every rank on every node); ``nodes`` is recorded, not used: a rank's
+    memory depends on how many ranks share the work, not on where they sit."""
     if job.method not in METHOD_COPIES:
         raise ValueError(f"unknown method {job.method!r}")
     strategy = strategy or ("single" if devices == 1 else "ddp")
@@ -264,7 +275,8 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
         components["fsdp_gather"] = 2 * model.layer_parameters() * precision.weight
     return MemoryEstimate(bytes=sum(components.values()), devices=devices, strategy=strategy,
                           parameters=params, trainable_parameters=trainable, model_copies=copies,
-                          sequence_length=seq, components=components, precision=precision.name)
+                          sequence_length=seq, components=components, precision=precision.name,
+                          nodes=nodes)
 
 
 # --------------------------------------------------------------------------- model configs
@@ -325,24 +337,55 @@ def _fits(queue: QueueSpec, per_device: int | None, devices: int) -> bool:
     return queue.capacity_bytes is None or per_device is None or per_device <= queue.capacity_bytes
 
 
-def _size_key(queue: QueueSpec) -> tuple[bool, int, bool, int]:
+def _size_key(queue: QueueSpec) -> tuple[bool, int, bool, int, bool]:
+    # on a tie a plain queue wins: its workers run the job themselves instead of launching a JobSet
     return (queue.capacity_bytes is None, queue.capacity_bytes or 0,
-            queue.devices is None, queue.devices or 0)
+            queue.devices is None, queue.devices or 0, queue.multinode)
+
+
+def _holds_nodes(queue: QueueSpec, nodes: int) -> bool:
+    return nodes == 1 or (queue.multinode and (queue.max_nodes is None or queue.max_nodes >= nodes))
+
+
+def _no_queue_for(queues: Sequence[QueueSpec], devices: int, nodes: int) -> InsufficientResources:
+    if nodes == 1:
+        most = max((q.devices or 0 for q in queues), default=0)
+        return InsufficientResources(f"the job asks for {devices} GPUs; the largest worker has {most}")
+    multinode = [q for q in queues if q.multinode]
+    if not multinode:
+        return InsufficientResources(
+            f"the job asks for {nodes} nodes; no queue here launches multi-node jobs "
+            f"(queues: {', '.join(q.name for q in queues)}). Ask for one node, or configure a queue "
+            "with ':multinode' in ALIGND_QUEUES")
+    nodes_ok = [q for q in multinode if _holds_nodes(q, nodes)]
+    if not nodes_ok:
+        most = max(q.max_nodes or 0 for q in multinode)
+        return InsufficientResources(f"the job asks for {nodes} nodes; multi-node queues take at most {most}")
+    most = max(q.devices or 0 for q in nodes_ok)
+    return InsufficientResources(
+        f"the job asks for {devices} GPUs per node; the multi-node queues' nodes have at most {most}")
 
 
 def place(queues: Sequence[QueueSpec], model: ModelShape | None, job: JobShape, *, devices: int = 1,
-          sequence_length: int | None = None, reward_model: ModelShape | None = None) -> Placement:
-    """The smallest queue that holds the job; DDP first, then FSDP for a full fine-tune on N > 1."""
-    candidates = [q for q in queues if q.devices is None or q.devices >= devices]
+          nodes: int = 1, sequence_length: int | None = None,
+          reward_model: ModelShape | None = None) -> Placement:
+    """The smallest queue that holds the job; ``devices`` are the GPUs on each of ``nodes`` nodes.
+
+    One node: DDP first, then FSDP for a full fine-tune on N > 1. Several nodes: a ``multinode`` queue
+    only, FSDP over all ranks for a full fine-tune, DDP for LoRA (module docstring)."""
+    candidates = [q for q in queues if (q.devices is None or q.devices >= devices) and _holds_nodes(q, nodes)]
     if not candidates:
-        most = max((q.devices or 0 for q in queues), default=0)
-        raise InsufficientResources(f"the job asks for {devices} GPUs; the largest worker has {most}")
+        raise _no_queue_for(queues, devices, nodes)
     if model is None:  # unknown shape: the largest queue, which is the likeliest to hold it
         return Placement(max(candidates, key=_size_key), None)
-    strategies = ["single"] if devices == 1 else (["ddp", "fsdp"] if not job.lora else ["ddp"])
+    world = devices * nodes
+    if nodes > 1:
+        strategies = ["ddp"] if job.lora else ["fsdp"]
+    else:
+        strategies = ["single"] if devices == 1 else (["ddp", "fsdp"] if not job.lora else ["ddp"])
     first: MemoryEstimate | None = None
     for strategy in strategies:
-        estimate = estimate_memory(model, job, devices=devices, strategy=strategy,
+        estimate = estimate_memory(model, job, devices=world, strategy=strategy, nodes=nodes,
                                    sequence_length=sequence_length, reward_model=reward_model)
         first = first or estimate
         fitting = [q for q in candidates if _fits(q, estimate.bytes, devices)]
@@ -350,9 +393,11 @@ def place(queues: Sequence[QueueSpec], model: ModelShape | None, job: JobShape, 
             return Placement(min(fitting, key=_size_key), estimate)
     assert first is not None
     largest = max(candidates, key=_size_key)
-    hint = " (FSDP across the GPUs was considered too)" if "fsdp" in strategies else ""
+    hint = " (FSDP across the GPUs was considered too)" if "fsdp" in strategies and nodes == 1 else ""
+    where = f"{devices} device(s)" if nodes == 1 else f"{nodes} nodes × {devices} GPUs = {world} ranks"
+    more = "more GPUs" if nodes == 1 else "more nodes"
     raise InsufficientResources(
         f"the job needs about {fmt_bytes(first.bytes)} per device ({first.strategy}, "
-        f"{devices} device(s)){hint}; "
+        f"{where}){hint}; "
         f"the largest queue, '{largest.name}', has {fmt_bytes(largest.capacity_bytes)} per device. "
-        "Use LoRA, a smaller batch_size or max_length, gradient_checkpointing, or more GPUs.")
+        f"Use LoRA, a smaller batch_size or max_length, gradient_checkpointing, or {more}.")

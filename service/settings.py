@@ -79,11 +79,19 @@ class QueueSpec:
     ``capacity_bytes`` is the memory of one device (GPU memory, or host memory for a CPU queue);
     ``devices`` how many devices one worker has (the most ``resources.gpus`` a job there may ask
     for). ``None`` means unlimited (the embedded default's single queue).
+
+    ``multinode``: this queue's workers can launch a job on several nodes (``resources.nodes`` > 1):
+    on Kubernetes they submit it as a JobSet (``workers/jobset_supervisor.py``), locally a launcher
+    starts the node groups on this machine. ``devices`` is then the GPUs of one node (the most
+    ``resources.gpus_per_node``) and ``max_nodes`` the most nodes a job may ask for (None: as many
+    as the cluster's quota admits; Kueue holds the rest in its queue).
     """
 
     name: str
     capacity_bytes: int | None = None
     devices: int | None = None
+    multinode: bool = False
+    max_nodes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class PlacementSettings:
     worker consumes (``ALIGND_WORKER_QUEUE``), and the throughput assumed for time estimates when no
     finished job of the model has been measured (``ALIGND_TOKENS_PER_SECOND``)."""
 
-    queues: tuple[QueueSpec, ...] = (QueueSpec("alignd"),)
+    queues: tuple[QueueSpec, ...] = (QueueSpec("alignd", multinode=True),)
     #: Celery ``-Q`` of ``alignd worker``: comma-separated; every configured queue when not set
     #: (the embedded default). Production sets it per GPU class.
     worker_queue: str = "alignd"
@@ -126,7 +134,8 @@ class Settings:
         root = Path(data_dir or _env("ALIGND_DATA_DIR", "./.alignd") or ".alignd").resolve()
         broker_dir = root / "broker"
         default_queue = _env("ALIGND_QUEUE", "alignd") or "alignd"
-        queues = parse_queues(_env("ALIGND_QUEUES", "") or "") or (QueueSpec(default_queue),)
+        # The embedded default's one queue takes everything: its worker runs node groups on this machine.
+        queues = parse_queues(_env("ALIGND_QUEUES", "") or "") or (QueueSpec(default_queue, multinode=True),)
         port = _env("ALIGND_WORKER_METRICS_PORT")
         return cls(
             data_dir=root,
@@ -190,16 +199,30 @@ def parse_bytes(text: str) -> int | None:
 
 def parse_queues(spec: str) -> tuple[QueueSpec, ...]:
     """``ALIGND_QUEUES``: ``gpu-24g=24GiB,gpu-80g=80GiB:8,cpu=64GiB`` (``:N`` devices per worker, default 1;
-    ``:*`` unlimited)."""
+    ``:*`` unlimited), and ``:multinode`` (or ``:multinode=M``, at most M nodes a job) for a queue whose
+    workers launch jobs across nodes: ``gpu-80g-multinode=80GiB:8:multinode=16``."""
     queues: list[QueueSpec] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, rest = item.partition("=")
         name = name.strip()
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"ALIGND_QUEUES entry {item!r} is not name=capacity[:devices]")
-        capacity, _, devices = rest.partition(":")
-        count = devices.strip()
-        queues.append(QueueSpec(name, parse_bytes(capacity), None if count == "*" else int(count or 1)))
+            raise ValueError(f"ALIGND_QUEUES entry {item!r} is not name=capacity[:devices][:multinode[=M]]")
+        capacity, *options = (part.strip() for part in rest.split(":"))
+        devices: int | None = 1
+        multinode, max_nodes = False, None
+        for position, option in enumerate(options):
+            flag, _, value = option.partition("=")
+            if flag == "multinode":
+                multinode = True
+                if value and (not value.isdigit() or int(value) < 1):
+                    raise ValueError(f"ALIGND_QUEUES entry {item!r}: multinode={value} is not a node count >= 1")
+                max_nodes = int(value) if value else None
+            elif position == 0:
+                devices = None if option == "*" else int(option or 1)
+            else:
+                raise ValueError(f"ALIGND_QUEUES entry {item!r}: unknown option {option!r} "
+                                 "(expected name=capacity[:devices][:multinode[=M]])")
+        queues.append(QueueSpec(name, parse_bytes(capacity), devices, multinode, max_nodes))
     if len({q.name for q in queues}) != len(queues):
         raise ValueError("ALIGND_QUEUES names a queue twice")
     return tuple(queues)

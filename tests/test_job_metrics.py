@@ -1,28 +1,21 @@
 """Per-job Prometheus series during a real DPO job, on the API and on the worker's own port; gone
-once the job ends. The Grafana dashboard and the alert rules query only names found in that scrape.
+once the job ends. (The Grafana dashboard's queries and the alert rules run against a real Prometheus
+scraping a live service in ``test_prometheus.py``.)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MODEL_CACHE, PREFERENCE_ROWS, LiveService, _api, make_settings
 from tests.processes import celery_worker, free_port, wait_for_job
-
-REPO = Path(__file__).resolve().parent.parent
-DASHBOARD = REPO / "k8s" / "base" / "monitoring" / "alignd-dashboard.json"
-RULES = REPO / "k8s" / "base" / "monitoring" / "prometheusrule.yaml"
 
 PER_JOB = (
     "alignd_job_step",
@@ -175,52 +168,3 @@ def test_series_are_removed_when_the_job_ends(scrapes: Scrapes) -> None:
         if name == "alignd_job_duration_seconds_count"
     }
     assert counts[("dpo", "cancelled")] == 1
-
-
-# ------------------------------------------------------------------------------------------- dashboard
-
-
-def _exported(text: str) -> set[str]:
-    """Every series name a scrape exposes, histogram and counter suffixes included."""
-    names: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        names.add(family.name)
-        if family.type == "histogram":
-            names |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
-        if family.type == "counter":
-            names |= {f"{family.name}_total", f"{family.name}_created"}
-    return names
-
-
-def _queried(expressions: list[str]) -> set[str]:
-    return {name for expr in expressions for name in re.findall(r"\balignd_[a-z_]+\b", expr)}
-
-
-def dashboard_expressions() -> list[str]:
-    board = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
-    exprs += [
-        v.get("query", {}).get("query", "") if isinstance(v.get("query"), dict) else v.get("query", "")
-        for v in board["templating"]["list"]
-    ]
-    return exprs
-
-
-def rule_expressions() -> list[str]:
-    rules = yaml.safe_load(RULES.read_text())
-    return [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
-
-
-def test_dashboard_and_alerts_query_only_exported_names(scrapes: Scrapes) -> None:
-    exported = _exported(scrapes.api_during) | _exported(scrapes.worker_during)
-    dashboard, alerts = _queried(dashboard_expressions()), _queried(rule_expressions())
-    assert dashboard - exported == set(), "the dashboard queries names the code does not export"
-    assert alerts - exported == set(), "the alert rules query names the code does not export"
-    # and the dashboard shows every per-job series and the service panels
-    assert set(PER_JOB) <= dashboard
-    assert {
-        "alignd_queue_depth",
-        "alignd_jobs",
-        "alignd_job_duration_seconds_bucket",
-        "alignd_http_request_duration_seconds_bucket",
-    } <= dashboard

@@ -3,12 +3,19 @@ wheel), the kustomizations resolve, references between objects hold, pods are lo
 ``ALIGND_*`` name the manifests set is one the code reads.
 
 CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ScaledObject) have no schema in that wheel: they get
-structural checks here instead, and the PromQL they carry is checked against a live scrape in
-``test_job_metrics.py``.
+structural checks here instead, and the PromQL they carry is checked by ``test_prometheus.py`` (promtool
+unit tests of every alert, the dashboard's queries against a real Prometheus). Kueue's LocalQueue,
+ClusterQueue and ResourceFlavor validate against their CRD schemas (v0.19.2, vendored in
+``tests/schemas``).
+
+Two installations are built: ``overlays/example`` and ``overlays/multinode`` (the example plus
+``components/multinode``: multi-node jobs as JobSets under Kueue), and the cluster-scoped
+``cluster/kueue`` example on its own.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterator
@@ -31,6 +38,11 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
 }
+KUEUE_SCHEMAS = {
+    ("kueue.x-k8s.io/v1beta2", kind): f"kueue.x-k8s.io_v1beta2_{kind}.json"
+    for kind in ("LocalQueue", "ClusterQueue", "ResourceFlavor")
+}
+CRD_KINDS |= set(KUEUE_SCHEMAS)
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
@@ -51,6 +63,16 @@ class Build:
 
     def of_kind(self, *kinds: str) -> list[dict[str, Any]]:
         return [o for o in self.objects() if o["kind"] in kinds]
+
+    def apply_config_patches(self) -> Build:
+        """Strategic-merge patches of ConfigMap ``data`` (what kustomize does with them), in order, so
+        checks on settings see what the installation will run with."""
+        for _, patch in self.patches:
+            if patch.get("kind") == "ConfigMap" and "data" in patch:
+                target = self.find("ConfigMap", patch["metadata"]["name"])
+                if target is not None:
+                    target["data"] = {**target.get("data", {}), **patch["data"]}
+        return self
 
 
 def _documents(path: Path) -> Iterator[dict[str, Any]]:
@@ -110,9 +132,20 @@ def load(directory: Path, build: Build | None = None) -> Build:
     return build
 
 
+@pytest.fixture(scope="module", params=["example", "multinode"])
+def build(request: pytest.FixtureRequest) -> Build:
+    overlay = load(K8S / "overlays" / request.param, load(K8S / "components" / "external-postgres"))
+    return overlay.apply_config_patches()
+
+
 @pytest.fixture(scope="module")
-def build() -> Build:
-    return load(K8S / "overlays" / "example", load(K8S / "components" / "external-postgres"))
+def multinode() -> Build:
+    return load(K8S / "overlays" / "multinode").apply_config_patches()
+
+
+@pytest.fixture(scope="module")
+def kueue_cluster() -> Build:
+    return load(K8S / "cluster" / "kueue")
 
 
 def _pod_specs(build: Build) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -263,6 +296,11 @@ def test_gpu_workers_match_the_queues_the_api_routes_to(build: Build) -> None:
         container = spec["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
         queue = queues[env["ALIGND_WORKER_QUEUE"]]  # a queue the API routes jobs to
+        assert isinstance(spec["terminationGracePeriodSeconds"], int), w["metadata"]["name"]
+        if queue.multinode:  # supervises JobSets: the GPUs are the rank pods', not its own
+            assert "nvidia.com/gpu" not in container["resources"]["limits"], w["metadata"]["name"]
+            assert env["ALIGND_JOBSET_LOCAL_QUEUE"] and queue.devices and queue.devices > 1
+            continue
         gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
         assert gpus == (queue.devices or 1), (
             f"{w['metadata']['name']}: {gpus} GPUs, queue says {queue.devices}"
@@ -309,3 +347,113 @@ def test_the_migration_job_runs_alignd_migrate(build: Build, tmp_path: Path,
     engine = create_engine(f"sqlite:///{tmp_path / 'alignd.db'}")
     columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
     assert {"worker", "queue", "resources", "estimated_memory_bytes"} <= columns
+
+
+# --------------------------------------------------------------------------------- several nodes
+
+
+def _rules(build: Build, role: str) -> set[tuple[str, str, str]]:
+    found = build.find("Role", role)
+    assert found is not None
+    return {(group, resource, verb) for rule in found["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_multinode_crds_validate_against_kueues_schemas(multinode: Build, kueue_cluster: Build) -> None:
+    import jsonschema
+
+    from tests.test_multinode_jobset import crd_schema
+
+    checked = 0
+    for build in (multinode, kueue_cluster):
+        for _, doc in build.resources:
+            name = KUEUE_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+            if name:
+                jsonschema.validate(doc, crd_schema(name))
+                checked += 1
+    assert checked == 3
+    bad = copy.deepcopy(multinode.find("LocalQueue", "alignd-multinode"))
+    assert bad is not None
+    bad["spec"]["clusterQueueName"] = bad["spec"].pop("clusterQueue")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, crd_schema("kueue.x-k8s.io_v1beta2_LocalQueue.json"))
+
+
+def test_multinode_rbac_lets_only_the_supervisor_manage_jobsets_and_read_pods(multinode: Build) -> None:
+    worker = multinode.find("Deployment", "alignd-worker-multinode")
+    assert worker is not None
+    spec = worker["spec"]["template"]["spec"]
+    account = spec["serviceAccountName"]
+    assert spec["automountServiceAccountToken"] is True
+    binding = multinode.find("RoleBinding", account)
+    assert binding is not None and binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                          "name": account}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    rules = _rules(multinode, binding["roleRef"]["name"])
+    assert rules == {("jobset.x-k8s.io", "jobsets", v) for v in ("create", "get", "list", "watch", "delete")} | {
+        ("", "pods", v) for v in ("get", "list", "watch")} | {("", "pods/log", "get")}
+    # every other pod keeps its API token unmounted
+    others = [o for o in multinode.of_kind(*WORKLOADS) if o["metadata"]["name"] != "alignd-worker-multinode"]
+    assert others and all(o["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for o in others)
+    overlay = yaml.safe_load((K8S / "overlays" / "multinode" / "kustomization.yaml").read_text())
+    example = yaml.safe_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
+    assert overlay["images"] == example["images"] and overlay["namespace"] == example["namespace"]
+
+
+def test_multinode_queue_chain_admits_the_largest_job_the_api_accepts(multinode: Build,
+                                                                      kueue_cluster: Build) -> None:
+    """ALIGND_QUEUES' multi-node queue → the worker → its LocalQueue → a ClusterQueue whose flavor is the
+    node pool the rank pods select and whose quota holds the largest job that queue accepts."""
+    config = multinode.find("ConfigMap", "alignd-config")
+    assert config is not None
+    queue = next(q for q in parse_queues(config["data"]["ALIGND_QUEUES"]) if q.multinode)
+    worker = multinode.find("Deployment", "alignd-worker-multinode")
+    assert worker is not None
+    env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ALIGND_WORKER_QUEUE"] == queue.name
+    local = multinode.find("LocalQueue", env["ALIGND_JOBSET_LOCAL_QUEUE"])
+    assert local is not None
+    cluster_queue = kueue_cluster.find("ClusterQueue", local["spec"]["clusterQueue"])
+    assert cluster_queue is not None
+    (group,) = cluster_queue["spec"]["resourceGroups"]
+    assert {"cpu", "memory", "nvidia.com/gpu"} <= set(group["coveredResources"])
+    (flavor_quota,) = group["flavors"]
+    flavor = kueue_cluster.find("ResourceFlavor", flavor_quota["name"])
+    assert flavor is not None
+    selector = dict(item.split("=", 1) for item in env["ALIGND_JOBSET_NODE_SELECTOR"].split(","))
+    assert flavor["spec"]["nodeLabels"].items() <= selector.items()
+    quota = {r["name"]: parse_bytes(str(r["nominalQuota"])) for r in flavor_quota["resources"]}  # 8Ti, 512, 128
+    assert queue.max_nodes and queue.devices
+    assert quota["nvidia.com/gpu"] >= queue.max_nodes * queue.devices  # type: ignore[operator]
+    assert quota["cpu"] >= queue.max_nodes * int(env["ALIGND_JOBSET_CPU"])  # type: ignore[operator]
+    assert quota["memory"] >= queue.max_nodes * parse_bytes(env["ALIGND_JOBSET_MEMORY"])  # type: ignore[operator]
+    namespace = yaml.safe_load((K8S / "overlays" / "multinode" / "kustomization.yaml").read_text())["namespace"]
+    assert cluster_queue["spec"]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+
+
+def test_multinode_jobset_the_installed_worker_submits_validates(multinode: Build) -> None:
+    """The worker's own settings (its env and, through the API, its pod) give the rank pods their image,
+    envFrom and queue: the JobSet for the largest job the queue accepts validates like any other."""
+    from tests.test_multinode_jobset import validate_jobset
+    from workers.jobset import JobSetConfig, build_jobset, inherit_from_pod
+
+    worker = multinode.find("Deployment", "alignd-worker-multinode")
+    config_map = multinode.find("ConfigMap", "alignd-config")
+    assert worker is not None and config_map is not None
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env["ALIGND_JOBSET_NAMESPACE"] = "alignd"  # the downward API's metadata.namespace
+    pod = {"metadata": {"name": "alignd-worker-multinode-abc", "namespace": "alignd"},
+           "spec": worker["spec"]["template"]["spec"]}
+    config = inherit_from_pod(JobSetConfig.from_env(env), pod, env["ALIGND_WORKER_CONTAINER"])
+    queue = next(q for q in parse_queues(config_map["data"]["ALIGND_QUEUES"]) if q.multinode)
+    assert queue.max_nodes and queue.devices
+    jobset = build_jobset("ftjob-0123456789abcdef01234567", nodes=queue.max_nodes, gpus_per_node=queue.devices,
+                          config=config)
+    validate_jobset(jobset)
+    rank = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert rank["containers"][0]["image"] == container["image"]
+    assert rank["containers"][0]["envFrom"] == container["envFrom"]
+    assert rank["serviceAccountName"] == env["ALIGND_JOBSET_SERVICE_ACCOUNT"] and multinode.find(
+        "ServiceAccount", rank["serviceAccountName"]) is not None
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "alignd-multinode"

@@ -293,3 +293,149 @@ def test_builtin_configs_ship_without_torch(tmp_path: Path) -> None:
     assert config is not None and config["hidden_size"] == 576 and config["num_key_value_heads"] == 3
     assert config["tie_word_embeddings"] is True and config["intermediate_size"] == 1536
     assert load_model_config("no-such-model", settings) is None
+
+
+# ------------------------------------------------------------------------------------- several nodes
+
+MN_QUEUES = parse_queues("gpu-24g=24GiB,gpu-80g=80GiB:4,gpu-80g-multinode=80GiB:8:multinode=4")
+LAYER7B = 202_383_360  # parameters of one Llama-2-7B decoder layer (see the top of this file)
+
+
+def test_multinode_queues_parse(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mn = MN_QUEUES[2]
+    assert (mn.name, mn.capacity_bytes, mn.devices, mn.multinode, mn.max_nodes) == (
+        "gpu-80g-multinode", 80 * GiB, 8, True, 4)
+    assert not MN_QUEUES[0].multinode and not MN_QUEUES[1].multinode
+    open_ended = parse_queues("mn=40GiB:multinode")[0]
+    assert (open_ended.devices, open_ended.multinode, open_ended.max_nodes) == (1, True, None)
+    assert parse_queues("mn=40GiB:*:multinode=2")[0].devices is None
+    for bad in ("a=1GiB:8:multinode=0", "a=1GiB:8:multinode=x", "a=1GiB:8:fast"):
+        with pytest.raises(ValueError):
+            parse_queues(bad)
+    # the embedded default's single queue takes multi-node jobs (its worker runs them on this machine)
+    monkeypatch.delenv("ALIGND_QUEUES", raising=False)
+    (default,) = Settings.from_env(tmp_path).placement.queues
+    assert default.multinode and default.devices is None and default.max_nodes is None
+
+
+def test_multinode_full_fine_tune_shards_weights_and_adam_over_every_rank() -> None:
+    """2 nodes × 8 GPUs: FSDP over 16 ranks, so the two bf16 copies and the bf16 AdamW state are a
+    sixteenth each; a pair per rank (batch 16 over 16 ranks)."""
+    job = JobShape("dpo", lora=False, batch_size=16, max_length=512)
+    placed = place(MN_QUEUES, LLAMA2_7B, job, devices=8, nodes=2)
+    e = placed.estimate
+    assert placed.queue.name == "gpu-80g-multinode" and e is not None
+    assert (e.strategy, e.devices, e.nodes) == ("fsdp", 16, 2)
+    assert e.components == {
+        "weights": 1_684_603_904,          # 2 copies × 6,738,415,616 × 2 B / 16
+        "trainable_state": 2_526_905_856,  # 6 B × 6,738,415,616 / 16
+        "activations": 5_301_600_256,      # 1 pair = 2 × 512 tokens × 32 layers × 161,792 B
+        "logits": 163_840_000,             # 512 completion tokens × 32000 × 10 B
+        "overhead": OVERHEAD,
+        "fsdp_gather": 2 * LAYER7B * 2,    # one layer gathered, the next prefetched
+    }
+    assert e.bytes == 11_560_225_280
+    one_node = estimate_memory(LLAMA2_7B, job, devices=8, strategy="fsdp")
+    assert one_node.components["weights"] == 2 * e.components["weights"]  # 8 ranks share, not 16
+
+
+def test_multinode_lora_replicates_the_base_on_every_rank() -> None:
+    job = JobShape("dpo", lora=True, batch_size=16, max_length=512)
+    e = place(MN_QUEUES, LLAMA2_7B, job, devices=4, nodes=2).estimate
+    assert e is not None and (e.strategy, e.devices) == ("ddp", 8)
+    assert e.components["weights"] == 13_476_831_232          # the whole bf16 base on each rank
+    assert e.components["trainable_state"] == LORA7B * 16
+    assert e.components["activations"] == 10_603_200_512       # ceil(16 / 8) = 2 pairs → 2048 tokens
+
+
+def test_multinode_routing_and_refusals() -> None:
+    small = JobShape("dpo", lora=True, batch_size=2, max_length=256)
+    assert place(MN_QUEUES, SMOLLM2, small).queue.name == "gpu-24g"  # one node: a plain queue
+    assert place(MN_QUEUES, SMOLLM2, small, devices=8).queue.name == "gpu-80g-multinode"  # 8 GPUs: only there
+    tie = parse_queues("plain=80GiB:8,mn=80GiB:8:multinode")
+    assert place(tie, SMOLLM2, small, devices=8).queue.name == "plain"
+    assert place(tie, SMOLLM2, small, devices=8, nodes=3).queue.name == "mn"
+    with pytest.raises(InsufficientResources, match="no queue here launches multi-node jobs"):
+        place(QUEUES, SMOLLM2, small, devices=1, nodes=2)
+    with pytest.raises(InsufficientResources, match="asks for 8 nodes; multi-node queues take at most 4"):
+        place(MN_QUEUES, SMOLLM2, small, devices=8, nodes=8)
+    with pytest.raises(InsufficientResources, match="16 GPUs per node; the multi-node queues' nodes have at most 8"):
+        place(MN_QUEUES, SMOLLM2, small, devices=16, nodes=2)
+    with pytest.raises(InsufficientResources, match=r"2 nodes × 8 GPUs = 16 ranks.*or more nodes"):
+        place(MN_QUEUES, LLAMA2_7B, JobShape("ppo", lora=False, max_length=4096, mini_batch_size=64),
+              devices=8, nodes=2)
+
+
+@pytest.mark.parametrize(("resources", "layout"), [
+    ({"nodes": 2, "gpus_per_node": 4}, (2, 4)),
+    ({"nodes": 2, "gpus": 8}, (2, 4)),
+    ({"gpus_per_node": 4}, (1, 4)),
+    ({"nodes": 3}, (3, 1)),
+    ({"gpus": 4}, (1, 4)),
+    ({"nodes": 2, "gpus_per_node": 4, "gpus": 8}, (2, 4)),
+    ({}, (1, 1)),
+])
+def test_multinode_resources_layout(resources: dict[str, int], layout: tuple[int, int]) -> None:
+    import msgspec
+
+    from service.jobs.spec import Resources
+
+    assert msgspec.convert(resources, Resources).layout() == layout
+
+
+@pytest.fixture
+def multinode_api(tmp_path: Path) -> Iterator[Api]:
+    model_dir = tmp_path / "llama-2-7b"
+    model_dir.mkdir()
+    shutil.copy(CONFIG_DIR / "llama-2-7b.json", model_dir / "config.json")
+    settings = replace(make_settings(tmp_path / "data"), models={"llama-2-7b": str(model_dir)},
+                       placement=PlacementSettings(queues=MN_QUEUES, worker_queue="gpu-24g"))
+    gen = _api(settings)
+    api = next(gen)
+    try:
+        yield api
+    finally:
+        next(gen, None)
+
+
+def test_multinode_job_is_routed_estimated_and_shown(multinode_api: Api) -> None:
+    api = multinode_api
+    headers = api.key("acme")
+    body = {"model": "llama-2-7b", "training_file": _upload(api, headers), "training_type": {"type": "full"},
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 16, "max_length": 512}}},
+            "resources": {"nodes": 2, "gpus_per_node": 8}}
+    estimate = api.client.post("/v1/fine_tuning/jobs", headers=headers, json={**body, "dry_run": True}).json()
+    assert estimate["resources"] == {"gpus": 16, "nodes": 2, "gpus_per_node": 8, "strategy": "fsdp"}
+    assert estimate["queue"] == "gpu-80g-multinode"
+    assert estimate["memory"]["devices"] == 16 and estimate["memory"]["nodes"] == 2
+    # a sixteenth of the two bf16 copies, as in the estimate by hand above
+    assert estimate["memory"]["components"]["weights"] == 1_684_603_904
+    r = api.client.post("/v1/fine_tuning/jobs", headers=headers, json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["resources"] == {"gpus": 16, "nodes": 2, "gpus_per_node": 8, "strategy": "fsdp",
+                                "queue": "gpu-80g-multinode"}
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=headers).json()["data"]
+    assert any("(fsdp) on 2 nodes × 8 GPUs; routed to queue 'gpu-80g-multinode'" in e["message"] for e in events)
+
+
+@pytest.mark.parametrize(("resources", "param", "text"), [
+    ({"nodes": 2, "gpus_per_node": 4, "gpus": 6}, "resources.gpus", "must equal resources.nodes × resources"),
+    ({"nodes": 2, "gpus": 3}, "resources.gpus", "not a multiple of resources.nodes"),
+    ({"gpus": 65}, "resources.gpus", "more than one node holds"),
+    ({"nodes": 0, "gpus_per_node": 1}, "resources.nodes", ">= 1"),
+    ({"nodes": 2, "gpus_per_node": 0}, "resources.gpus_per_node", ">= 1"),
+    ({"nodes": 2, "gpu_per_node": 2}, "resources.gpu_per_node", "unknown field"),
+    ({"nodes": 16, "gpus_per_node": 8}, "resources", "asks for 16 nodes; multi-node queues take at most 4"),
+])
+def test_multinode_bad_resources_are_400s_naming_the_field(multinode_api: Api, resources: dict[str, int],
+                                                             param: str, text: str) -> None:
+    api = multinode_api
+    headers = api.key("acme")
+    body = {"model": "llama-2-7b", "training_file": _upload(api, headers), "resources": resources,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 1, "max_length": 512}}}}
+    r = api.client.post("/v1/fine_tuning/jobs", headers=headers, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and text in error["message"], error
+    assert api.client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"] == []

@@ -224,6 +224,11 @@ class JobRunRepository:
         self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
                              .values(status="paused", pause_requested=False))
 
+    def count_restart(self) -> int:
+        """One more restart of this job (a lost worker, a failed node); returns the new count."""
+        self.session.execute(update(Job).where(Job.id == self.job_id).values(restarts=Job.restarts + 1))
+        return int(self.session.scalar(select(Job.restarts).where(Job.id == self.job_id)) or 0)
+
     def drop_series_after(self, step: int) -> None:
         """Resuming from step N: points and checkpoints of steps after N were never made durable."""
         self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step))

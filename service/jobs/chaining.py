@@ -104,6 +104,7 @@ def validate_generate_preferences(repo: OrgRepository, settings: Settings, spec:
         raise _error(f"max_length ({hp.max_length}) must exceed max_new_tokens ({hp.max_new_tokens}): "
                      "prompts get max_length - max_new_tokens tokens", "invalid_request",
                      f"{GENERATION_PARAM}.max_length")
-    if spec.resources is not None and spec.resources.gpus > 1:
-        raise _error("generate_preferences runs on one device; resources.gpus must be 1", "invalid_request",
-                     "resources.gpus")
+    for name in ("gpus", "nodes", "gpus_per_node"):
+        if spec.resources is not None and (getattr(spec.resources, name) or 1) > 1:
+            raise _error(f"generate_preferences runs on one device; resources.{name} must be 1",
+                         "invalid_request", f"resources.{name}")

@@ -17,7 +17,7 @@ from service.db.repositories import OrgRepository
 from service.db.telemetry import measured_tokens_per_second
 from service.errors import APIError
 from service.files import file_analysis
-from service.jobs.spec import JobCreate, LoraTraining
+from service.jobs.spec import JobCreate, LoraTraining, ResourcesConflict
 from service.resources import (
     InsufficientResources,
     JobShape,
@@ -39,7 +39,7 @@ LENGTH_MARGIN = 1.25    # analysis token counts are estimates (chars / 4); chat 
 class JobPlan:
     base_model: str
     placement: Placement
-    gpus: int
+    gpus: int                 # GPUs of each node
     examples: int
     tokens_per_epoch: int
     total_steps: int
@@ -47,15 +47,29 @@ class JobPlan:
     tokens_per_second: float
     tokens_per_second_source: str
     notes: list[str]
+    nodes: int = 1
 
     @property
     def estimate(self) -> MemoryEstimate | None:
         return self.placement.estimate
 
     @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+    @property
     def resources(self) -> dict[str, Any]:
-        strategy = self.estimate.strategy if self.estimate else ("single" if self.gpus == 1 else "ddp")
-        return {"gpus": self.gpus, "strategy": strategy}
+        """What the job row keeps and the job object shows: ``gpus`` is the total number of ranks;
+        a job on several nodes also names ``nodes`` and ``gpus_per_node`` (the worker launches those)."""
+        if self.estimate:
+            strategy = self.estimate.strategy
+        elif self.nodes > 1:
+            strategy = "ddp"  # unknown shape: the recipe decides at launch
+        else:
+            strategy = "single" if self.gpus == 1 else "ddp"
+        if self.nodes == 1:
+            return {"gpus": self.gpus, "strategy": strategy}
+        return {"gpus": self.world_size, "nodes": self.nodes, "gpus_per_node": self.gpus, "strategy": strategy}
 
 
 def base_model_of(repo: OrgRepository, model: str) -> str:
@@ -112,6 +126,16 @@ def _steps(examples: int, spec: JobCreate) -> tuple[int, float]:
     return total, total / planned
 
 
+def resource_layout(spec: JobCreate) -> tuple[int, int]:
+    """``(nodes, gpus_per_node)`` of the request, or a 400 naming the ``resources`` field at fault."""
+    if spec.resources is None:
+        return 1, 1
+    try:
+        return spec.resources.layout()
+    except ResourcesConflict as exc:
+        raise APIError(400, exc.message, code="invalid_request", param=exc.param) from None
+
+
 def plan_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPlan:
     """Estimate and route ``spec`` (already validated); raises a 400 ``insufficient_resources``."""
     notes: list[str] = []
@@ -123,9 +147,9 @@ def plan_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPla
         reward_shape = _shape(settings, base_model_of(repo, reward_name), notes)
     training_file = repo.get_file(spec.training_file, "training_file")
     tokens_per_epoch, longest = _file_tokens(training_file, spec.method.type)
-    gpus = spec.resources.gpus if spec.resources else 1
+    nodes, gpus = resource_layout(spec)
     try:
-        placement = place(settings.placement.queues, model, job_shape(spec), devices=gpus,
+        placement = place(settings.placement.queues, model, job_shape(spec), devices=gpus, nodes=nodes,
                           sequence_length=longest, reward_model=reward_shape)
     except InsufficientResources as exc:
         raise APIError(400, exc.message, code="insufficient_resources", param="resources") from None
@@ -139,7 +163,7 @@ def plan_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPla
     return JobPlan(base_model=base, placement=placement, gpus=gpus, examples=training_file.n_examples,
                    tokens_per_epoch=tokens_per_epoch, total_steps=total_steps, total_tokens=total_tokens,
                    tokens_per_second=measured or settings.placement.tokens_per_second,
-                   tokens_per_second_source=source, notes=notes)
+                   tokens_per_second_source=source, notes=notes, nodes=nodes)
 
 
 def apply_plan(job: Job, plan: JobPlan) -> None:
@@ -151,6 +175,8 @@ def apply_plan(job: Job, plan: JobPlan) -> None:
 def plan_message(plan: JobPlan) -> str:
     memory = (f"about {fmt_bytes(plan.estimate.bytes)} per device ({plan.estimate.strategy})"
               if plan.estimate else "memory unknown")
+    if plan.nodes > 1:
+        memory += f" on {plan.nodes} nodes × {plan.gpus} GPUs"
     return f"Estimated {memory}; routed to queue '{plan.placement.queue.name}'"
 
 

@@ -158,11 +158,64 @@ class FullTraining(Struct, tag="full", tag_field="type", forbid_unknown_fields=T
 TrainingType = LoraTraining | FullTraining
 
 
-class Resources(Struct, forbid_unknown_fields=True):
-    """``gpus`` > 1 runs the recipe on that many GPUs of one worker through ``accelerate launch``
-    (DDP; FSDP for a full fine-tune that one GPU cannot hold)."""
+MAX_GPUS_PER_NODE = 64
+MAX_NODES = 256
 
-    gpus: Annotated[int, Meta(ge=1, le=64)] = 1
+
+class ResourcesConflict(ValueError):
+    """``resources`` fields that contradict each other; ``param`` names the field to fix."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class Resources(Struct, forbid_unknown_fields=True):
+    """Where a job runs.
+
+    ``{"gpus": N}`` is one node: the recipe runs on N GPUs of one worker (DDP; FSDP for a full
+    fine-tune). ``{"nodes": M, "gpus_per_node": G}`` runs M×G ranks of the same recipe on M nodes
+    under torch.distributed (c10d rendezvous); on Kubernetes the worker submits it as a JobSet.
+    ``gpus`` may be given with them and is then the total, which must be M×G; any two of the three
+    determine the third (``{"nodes": 2, "gpus": 8}`` is 4 per node). :meth:`layout` checks them."""
+
+    gpus: Annotated[int, Meta(ge=1, le=MAX_GPUS_PER_NODE * MAX_NODES)] | None = None
+    nodes: Annotated[int, Meta(ge=1, le=MAX_NODES)] | None = None
+    gpus_per_node: Annotated[int, Meta(ge=1, le=MAX_GPUS_PER_NODE)] | None = None
+
+    def layout(self) -> tuple[int, int]:
+        """``(nodes, gpus_per_node)``, or :class:`ResourcesConflict` when the fields disagree."""
+        nodes, per_node, total = self.nodes, self.gpus_per_node, self.gpus
+        if nodes is None and per_node is None:
+            if total is not None and total > MAX_GPUS_PER_NODE:
+                raise ResourcesConflict(
+                    f"resources.gpus is {total}, more than one node holds ({MAX_GPUS_PER_NODE}); "
+                    "ask for resources.nodes and resources.gpus_per_node instead", "resources.gpus")
+            return 1, total or 1
+        if nodes is None:
+            nodes = 1
+        if per_node is None:
+            if total is None:
+                per_node = 1
+            elif total % nodes:
+                raise ResourcesConflict(
+                    f"resources.gpus ({total}) is not a multiple of resources.nodes ({nodes}); "
+                    "every node runs the same number of ranks", "resources.gpus")
+            else:
+                per_node = total // nodes
+        if per_node > MAX_GPUS_PER_NODE:
+            raise ResourcesConflict(f"resources.gpus_per_node would be {per_node}; at most "
+                                    f"{MAX_GPUS_PER_NODE}", "resources.gpus_per_node")
+        if total is not None and total != nodes * per_node:
+            raise ResourcesConflict(
+                f"resources.gpus ({total}) must equal resources.nodes × resources.gpus_per_node "
+                f"({nodes} × {per_node} = {nodes * per_node}); give two of the three", "resources.gpus")
+        return nodes, per_node
+
+    def total_gpus(self) -> int:
+        nodes, per_node = self.layout()
+        return nodes * per_node
 
 
 class JobCreate(Struct, forbid_unknown_fields=True):
