@@ -117,7 +117,7 @@ class Formula:
         return result
 
     def _eval(self, node: ast.expr, values: dict[str, float]) -> float:
-        if isinstance(node, ast.Constant):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return float(node.value)
         if isinstance(node, ast.Name):
             if node.id in values:

@@ -34,6 +34,7 @@ kind, never an exception: grading turns it into reward 0 and the matching OpenAI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+
+from service.settings import GraderSettings
 
 log = logging.getLogger("alignd.graders.sandbox")
 
@@ -99,6 +102,14 @@ class Sandbox:
     uid_base: int = 10_000_000
     uid_span: int = 1 << 16
     bwrap: str = "bwrap"
+
+    @classmethod
+    def from_settings(cls, settings: GraderSettings) -> Sandbox:
+        """The sandbox the service's ``ALIGND_GRADER_*`` settings describe."""
+        limits = SandboxLimits(wall_seconds=settings.sample_timeout, cpu_seconds=settings.cpu_seconds,
+                               memory_bytes=settings.memory_bytes, processes=settings.max_processes,
+                               tmp_bytes=settings.tmp_bytes)
+        return cls(limits=limits, uid_base=settings.sandbox_uid_base)
 
     @cached_property
     def _prefix(self) -> Path:
@@ -260,10 +271,8 @@ def _feed(stream: Any, payload: bytes) -> None:
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """bwrap is the session leader; killing its group ends the sandbox (its PID namespace goes with it)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, 9)
-    except ProcessLookupError:
-        pass
 
 
 def _interpret(code: int, out: bytes, stderr_tail: str, limits: SandboxLimits) -> SandboxOutcome:

@@ -114,10 +114,7 @@ def check_python_source(source: str, param: str) -> None:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "grade":
             grade = node
-        elif isinstance(node, ast.Assign | ast.AnnAssign) and "grade" in _assigned_names(node):
-            defined_otherwise = True
-        elif isinstance(node, ast.Import | ast.ImportFrom) and any(
-                (alias.asname or alias.name) == "grade" for alias in node.names):
+        elif _binds_grade(node):
             defined_otherwise = True
     if grade is None and not defined_otherwise:
         raise GraderInvalid("source must define a top-level function grade(sample, item) -> float", param)
@@ -132,9 +129,14 @@ def check_python_source(source: str, param: str) -> None:
             raise GraderInvalid("grade must take exactly two arguments: grade(sample, item)", param)
 
 
-def _assigned_names(node: ast.Assign | ast.AnnAssign) -> set[str]:
-    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+def _binds_grade(node: ast.stmt) -> bool:
+    """``grade = ...`` or ``from x import grade`` at the top level (a def is checked on its own)."""
+    if isinstance(node, ast.Assign | ast.AnnAssign):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return "grade" in {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return any((alias.asname or alias.name) == "grade" for alias in node.names)
+    return False
 
 
 def _validate_model_grader(grader: ScoreModelGrader | LabelModelGrader, at: str,
