@@ -181,3 +181,22 @@ def test_reinforcement_needs_a_grader_and_matching_data(sqlite_api: Api) -> None
     assert api.client.post("/v1/fine_tuning/jobs", headers=headers, json=rft_job(prompts, python)).status_code == 200
     estimate = api.client.post("/v1/fine_tuning/jobs", headers=headers, json={**rft_job(file_id), "dry_run": True})
     assert estimate.status_code == 200 and estimate.json()["method"] == "reinforcement", estimate.text
+
+
+def test_cli_builds_a_reinforcement_job_from_a_grader_file(tmp_path: Any) -> None:
+    import json
+
+    from service.cli import build_parser
+    from service.cli_client import job_body
+
+    grader_file = tmp_path / "grader.json"
+    grader_file.write_text(json.dumps(GRADER))
+    args = build_parser().parse_args(["jobs", "create", "--model", "tiny-random-llama", "--training-file",
+                                      "file-abc", "--method", "reinforcement", "--grader", str(grader_file),
+                                      "-H", "group_size=4"])
+    body = job_body(args)
+    assert body["method"] == {"type": "reinforcement",
+                              "reinforcement": {"grader": GRADER, "hyperparameters": {"group_size": 4}}}
+    inline = build_parser().parse_args(["jobs", "create", "--model", "m", "--training-file", "file-abc",
+                                        "--method", "reinforcement", "--grader", json.dumps(GRADER)])
+    assert job_body(inline)["method"]["reinforcement"]["grader"] == GRADER
