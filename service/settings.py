@@ -130,6 +130,8 @@ class GraderSettings:
     ``ALIGND_GRADER_SAMPLE_TIMEOUT``, ``ALIGND_GRADER_CPU_SECONDS``, ``ALIGND_GRADER_MEMORY_BYTES``,
     ``ALIGND_GRADER_MAX_PROCESSES``, ``ALIGND_GRADER_TMP_BYTES``: the sandbox's limits per call;
     ``ALIGND_GRADER_SANDBOX_UID_BASE``: the first uid of the range sandboxes run as (65536 uids).
+    ``ALIGND_GRADER_CGROUP``: ``auto`` (a memory + pids cgroup per call where one can be made), ``off``,
+    or a delegated cgroup v2 directory.
     """
 
     queue: str | None = None
@@ -142,6 +144,7 @@ class GraderSettings:
     max_processes: int = 32
     tmp_bytes: int = 256 << 20
     sandbox_uid_base: int = 10_000_000
+    cgroup: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ class Settings:
                 max_processes=_int("ALIGND_GRADER_MAX_PROCESSES", 32),
                 tmp_bytes=_int("ALIGND_GRADER_TMP_BYTES", 256 << 20),
                 sandbox_uid_base=_int("ALIGND_GRADER_SANDBOX_UID_BASE", 10_000_000),
+                cgroup=_env("ALIGND_GRADER_CGROUP", "auto") or "auto",
             ),
             metrics=MetricsSettings(
                 worker_port=int(port) if port else None,

@@ -305,3 +305,36 @@ def test_the_seed_code_case_runs_model_code_against_unit_tests(sandbox: Sandbox)
 
 def test_after_the_escapes_a_plain_grader_still_works(sandbox: Sandbox) -> None:
     assert run(sandbox, "def grade(sample, item):\n    return 0.5\n").reward == 0.5
+
+
+FORK_AND_HOLD = """
+import os, time
+def grade(sample, item):
+    children = []
+    for _ in range(6):
+        pid = os.fork()
+        if pid == 0:
+            block = bytearray(300 << 20)  # zero-filled: really resident
+            time.sleep(1.0)               # held while the others allocate
+            os._exit(0)
+        children.append(pid)
+    held = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        held += status == 0
+    return float(held)
+"""
+
+
+def test_a_cgroup_bounds_memory_across_processes() -> None:
+    limits = SandboxLimits(wall_seconds=30, cpu_seconds=30, memory_bytes=1 << 30, processes=24)
+    bounded = Sandbox(limits)
+    if not bounded.uses_cgroup:  # pragma: no cover - a container that may not create cgroups
+        pytest.skip("this process may not create cgroups; the per-process rlimits are the only memory bound")
+    # per process, 300 MiB is within RLIMIT_AS: without the cgroup all six children hold it at once
+    unbounded = run(Sandbox(limits, cgroup="off"), FORK_AND_HOLD, timeout=30)
+    assert unbounded.reward == 6.0, unbounded.errors
+    together = run(bounded, FORK_AND_HOLD, timeout=30)
+    assert together.reward <= 3.0  # 1 GiB for the whole sandbox: the OOM killer ended the rest
+    parents = bounded._cgroups.parents if bounded._cgroups else []
+    assert parents and all(not any(p.name.startswith("g-") for p in parent.iterdir()) for parent in parents)

@@ -25,7 +25,9 @@ in a fresh process tree started as
 - **Limits** (``SandboxLimits``): CPU seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``),
   processes/threads (``RLIMIT_NPROC``), open files (``RLIMIT_NOFILE``), file size
   (``RLIMIT_FSIZE``), no core dumps, ``/tmp`` size, wall-clock time (the parent kills the tree) and
-  output size (the parent stops reading and kills at the cap).
+  output size (the parent stops reading and kills at the cap). Where this process may create
+  cgroups, each call also gets a memory and a pids cgroup bounding all its processes together
+  (:mod:`service.graders.cgroups`).
 
 The request travels on stdin as JSON and the answer comes back as JSON on stdout; see
 :mod:`service.graders.sandbox_harness`. Every failure is a :class:`SandboxOutcome` with an error
@@ -51,6 +53,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from service.graders.cgroups import Cgroups
+from service.graders.cgroups import detect as detect_cgroups
 from service.settings import GraderSettings
 
 log = logging.getLogger("alignd.graders.sandbox")
@@ -102,6 +106,17 @@ class Sandbox:
     uid_base: int = 10_000_000
     uid_span: int = 1 << 16
     bwrap: str = "bwrap"
+    #: ``auto``, ``off`` or a delegated cgroup v2 directory (service/graders/cgroups.py)
+    cgroup: str = "auto"
+
+    @cached_property
+    def _cgroups(self) -> Cgroups | None:
+        return detect_cgroups(self.cgroup)
+
+    @property
+    def uses_cgroup(self) -> bool:
+        """Whether calls get a memory + pids cgroup of their own (best effort; rlimits always apply)."""
+        return self._cgroups is not None
 
     @classmethod
     def from_settings(cls, settings: GraderSettings) -> Sandbox:
@@ -109,7 +124,7 @@ class Sandbox:
         limits = SandboxLimits(wall_seconds=settings.sample_timeout, cpu_seconds=settings.cpu_seconds,
                                memory_bytes=settings.memory_bytes, processes=settings.max_processes,
                                tmp_bytes=settings.tmp_bytes)
-        return cls(limits=limits, uid_base=settings.sandbox_uid_base)
+        return cls(limits=limits, uid_base=settings.sandbox_uid_base, cgroup=settings.cgroup)
 
     @cached_property
     def _prefix(self) -> Path:
@@ -195,12 +210,20 @@ class Sandbox:
             return SandboxOutcome(error="runtime", details=f"sample or item is not JSON: {exc}")
         wall = min(timeout, self.limits.wall_seconds) if timeout is not None else self.limits.wall_seconds
         uid = self.uid_base + secrets.randbelow(self.uid_span)
+        group = self._cgroups.create(self.limits.memory_bytes, self.limits.processes) if self._cgroups else None
+        command = self.command(uid)
         try:
-            outcome = self._execute(self.command(uid), payload, max(wall, 0.0))
+            outcome = self._execute(group.launcher(command) if group else command, payload, max(wall, 0.0))
+            if group is not None and outcome.error == "runtime" and group.oom_killed():
+                outcome.details = (f"the grader's processes used more than {self.limits.memory_bytes} bytes "
+                                   "together (the sandbox's memory limit) and were killed")
         except OSError as exc:  # could not start bwrap at all
             log.exception("python grader sandbox failed to start")
             outcome = SandboxOutcome(error="server", details=f"the sandbox could not start: {exc}",
                                      server_error_type="sandbox_start_failed")
+        finally:
+            if group is not None:
+                group.remove()
         outcome.seconds = time.monotonic() - started
         return outcome
 
