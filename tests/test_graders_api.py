@@ -243,3 +243,32 @@ def test_grader_requests_are_rate_limited_per_organization(tight_api: Api) -> No
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
     ok = tight_api.client.post("/v1/fine_tuning/alpha/graders/validate", headers=other, json=body)
     assert ok.status_code == 200
+
+
+def test_model_graders_over_redis_with_a_real_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production's broker: the grade task goes through Redis and its result comes back through Redis."""
+    import os
+    import secrets
+
+    from tests.conftest import MODEL_CACHE, REDIS_URL
+    from tests.processes import celery_worker
+
+    env = {**os.environ, "ALIGND_DATA_DIR": str(tmp_path / "data"), "ALIGND_BROKER_URL": REDIS_URL,
+           "ALIGND_QUEUE": "alignd-graders-" + secrets.token_hex(4), "ALIGND_MODEL_CACHE": str(MODEL_CACHE),
+           "ALIGND_GRADER_PICKUP_TIMEOUT": "120"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env()
+    assert not settings.broker.embedded
+    api_gen = _api(settings)
+    api = next(api_gen)
+    try:
+        with celery_worker(settings, env, tmp_path / "worker.log"):
+            response = api.client.post("/v1/fine_tuning/alpha/graders/run", headers=api.key("acme"), json={
+                "grader": SCORE_MODEL, "model_sample": "Paris", "item": {"answer": "Paris"}}, timeout=300)
+        assert response.status_code == 200, response.text + (tmp_path / "worker.log").read_text()[-3000:]
+        body = response.json()
+        assert body["metadata"]["errors"]["model_grader_parse_error"] is True
+        assert body["metadata"]["token_usage"]["completion_tokens"] == 8
+    finally:
+        next(api_gen, None)
