@@ -13,7 +13,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.graders import GraderInvalid, grade, grade_batch, grader_texts, make_sample, parse_grader, validate_grader
+from service.graders import (
+    GraderInvalid,
+    error_summary,
+    grade,
+    grade_batch,
+    grader_texts,
+    make_sample,
+    parse_grader,
+    validate_grader,
+)
 from service.graders.formula import Formula, FormulaError, FormulaRuntimeError
 from service.graders.model_graders import (
     Generation,
@@ -374,6 +383,10 @@ def test_grade_batch_keeps_order_and_honours_the_batch_deadline() -> None:
     assert all(r.reward == 0.0 and r.errors.unresponsive_reward_error for r in late)
     with pytest.raises(ValueError, match="3 samples but 2 items"):
         grade_batch(grader, samples, [{}, {}])
+    assert error_summary(results) is None
+    mixed = grade_batch(grader, samples, [{"a": "x"}, {}, {}], per_sample_timeout=5)
+    assert error_summary(mixed) == {"samples": 3, "failed": 2, "flags": {"invalid_variable_error": 2},
+                                    "details": None}
 
 
 def test_response_shape_matches_openais_run_response() -> None:

@@ -12,13 +12,14 @@
 
 from service.graders.grading import grade, grade_batch, make_sample, parse_grader
 from service.graders.model_graders import Generation, GenerationRequest, ModelRunner, PromptTooLong
-from service.graders.results import GraderErrors, GradeResult
+from service.graders.results import GraderErrors, GradeResult, error_summary
 from service.graders.sandbox import Sandbox, SandboxLimits
 from service.graders.types import Grader, uses_model, uses_python
 from service.graders.validation import GraderInvalid, grader_texts, validate_grader
 
 __all__ = [
     "Generation", "GenerationRequest", "GradeResult", "Grader", "GraderErrors", "GraderInvalid", "ModelRunner",
-    "PromptTooLong", "Sandbox", "SandboxLimits", "grade", "grade_batch", "grader_texts", "make_sample",
+    "PromptTooLong", "Sandbox", "SandboxLimits", "error_summary", "grade", "grade_batch", "grader_texts",
+    "make_sample",
     "parse_grader", "uses_model", "uses_python", "validate_grader",
 ]

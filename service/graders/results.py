@@ -99,3 +99,25 @@ def add_usage(total: dict[str, int] | None, more: dict[str, int] | None) -> dict
     if total is None:
         return dict(more)
     return {key: total.get(key, 0) + more.get(key, 0) for key in {*total, *more}}
+
+
+def error_summary(results: list[GradeResult]) -> dict[str, Any] | None:
+    """What went wrong in a batch, for one job event: counts per flag and the first details; None if nothing.
+
+    ``{"samples": 64, "failed": 3, "flags": {"python_grader_runtime_error": 3}, "details": "ZeroDivisionError..."}``
+    """
+    flags: dict[str, int] = {}
+    details: str | None = None
+    failed = 0
+    for result in results:
+        set_flags = result.errors.flags()
+        failed += bool(set_flags)
+        for flag in set_flags:
+            flags[flag] = flags.get(flag, 0) + 1
+        errors = result.errors
+        details = details or errors.python_grader_runtime_error_details or errors.model_grader_server_error_details \
+            or errors.python_grader_server_error_type
+    if not failed:
+        return None
+    return {"samples": len(results), "failed": failed, "flags": flags,
+            "details": clip(details, 500) if details else None}
