@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from service.graders.templates import render
 from service.graders.types import LabelModelGrader, SamplingParams, ScoreModelGrader
-from service.graders.validation import message_parts, part_text
+from service.graders.validation import part_text
 
 DEFAULT_MAX_COMPLETION_TOKENS = 256
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -98,12 +98,11 @@ def render_messages(grader: ScoreModelGrader | LabelModelGrader, sample: dict[st
     ``developer`` becomes ``system`` (chat templates of open models know no developer role);
     content parts are joined with newlines. Raises the template errors of :mod:`templates`.
     """
-    texts: dict[int, list[str]] = {}
-    for param, part in message_parts(grader.input, ""):
-        index = int(param[1:param.index("]")])
-        texts.setdefault(index, []).append(render(part_text(part), sample, item))
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": "\n".join(texts.get(i, []))}
-                for i, m in enumerate(grader.input)]
+    messages: list[dict[str, str]] = []
+    for message in grader.input:
+        parts = message.content if isinstance(message.content, list) else [message.content]
+        content = "\n".join(render(part_text(part), sample, item) for part in parts)
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": content})
     instruction = response_instruction(grader)
     if messages and messages[0]["role"] == "system":
         messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{instruction}"}
