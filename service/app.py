@@ -14,9 +14,10 @@ from sqlalchemy import text
 
 from service.api.deps import app_state, provide_principal
 from service.api.files import FilesController
+from service.api.graders import GradersController
 from service.api.jobs import JobsController
 from service.api.models import ModelsController
-from service.errors import EXCEPTION_HANDLERS, APIError, document_errors
+from service.errors import EXCEPTION_HANDLERS, APIError, document_errors, document_unavailable
 from service.limits import upload_size_limit
 from service.metrics import make_registry, metrics_endpoint
 from service.reconciler import Reconciler
@@ -52,12 +53,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, reconc
         state.migrate()
     registry, http_metrics = make_registry(state)
     reconciler = Reconciler(state) if reconcile else None
-    document_errors(FilesController, JobsController, ModelsController)
+    document_errors(FilesController, JobsController, ModelsController, GradersController)
+    document_unavailable(GradersController.run)
     return Litestar(
         on_startup=[reconciler.start] if reconciler else [],
         on_shutdown=[reconciler.stop] if reconciler else [],
-        route_handlers=[FilesController, JobsController, ModelsController, healthz, readyz, metrics_endpoint,
-                        ui_router()],
+        route_handlers=[FilesController, JobsController, ModelsController, GradersController, healthz, readyz,
+                        metrics_endpoint, ui_router()],
         dependencies={"principal": Provide(provide_principal, sync_to_thread=True)},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[http_metrics.middleware, upload_size_limit(state.settings.limits.max_upload_bytes)],

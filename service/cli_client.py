@@ -24,7 +24,7 @@ import httpx
 
 from service.client import TERMINAL, AligndError, Client
 
-METHODS = ("dpo", "supervised", "reward_model", "ppo", "generate_preferences")
+METHODS = ("dpo", "supervised", "reward_model", "ppo", "reinforcement", "generate_preferences")
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2}
 BAR_WIDTH = 24
 
@@ -73,6 +73,21 @@ def _value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _grader(value: str) -> dict[str, Any]:
+    """``--grader``: a path to a JSON file, or the JSON itself."""
+    try:
+        text = Path(value).read_text() if Path(value).is_file() else value
+    except OSError:  # inline JSON longer than a file name may be
+        text = value
+    try:
+        grader = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--grader: neither a JSON file nor JSON ({exc})") from None
+    if not isinstance(grader, dict):
+        raise UsageError("--grader: expected a JSON object (OpenAI's grader)")
+    return grader
 
 
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -183,7 +198,7 @@ def job_body(args: argparse.Namespace, upload: Callable[[Path], str] | None = No
     method = dict(body.get("method") or {})
     method_type = args.method or method.get("type")
     if not method_type:
-        raise UsageError("--method is required (dpo, supervised, reward_model, ppo or generate_preferences)")
+        raise UsageError("--method is required (" + ", ".join(METHODS[:-1]) + f" or {METHODS[-1]})")
     method["type"] = method_type
     hyper: dict[str, Any] = {}
     if args.hyperparameters:
@@ -194,9 +209,12 @@ def job_body(args: argparse.Namespace, upload: Callable[[Path], str] | None = No
         if not isinstance(hyper, dict):
             raise UsageError("--hyperparameters: expected a JSON object")
     hyper.update({k: _value(v) for k, v in _pairs(args.hyper, "-H").items()})
-    if hyper or method_type not in method:
+    grader = _grader(args.grader) if getattr(args, "grader", None) else None
+    if hyper or grader is not None or method_type not in method:
         block = dict(method.get(method_type) or {})
         block["hyperparameters"] = {**(block.get("hyperparameters") or {}), **hyper}
+        if grader is not None:
+            block["grader"] = grader
         method[method_type] = block
     body["method"] = method
     if args.full:
@@ -487,6 +505,7 @@ def add_client_commands(subparsers: Any) -> None:
     c.add_argument("--suffix")
     c.add_argument("--seed", type=int)
     c.add_argument("--hyperparameters", help="JSON object of the method's hyperparameters")
+    c.add_argument("--grader", help="reinforcement: the grader, as a JSON file or inline JSON (docs/reinforcement.md)")
     c.add_argument("-H", "--hyper", action="append", metavar="KEY=VALUE",
                    help="one hyperparameter (repeatable); VALUE is parsed as JSON when it can be")
     c.add_argument("--lora-r", type=int)

@@ -6,10 +6,14 @@ with its traceback and answered as a bare 500 envelope, never with the traceback
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import types
+import typing
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.handlers import HTTPRouteHandler
@@ -54,6 +58,13 @@ def document_errors(*controllers: type) -> None:
                 value.responses = {**responses, **(value.responses or {})}
 
 
+def document_unavailable(handler: HTTPRouteHandler) -> None:
+    """A route that needs a worker answers 503 with Retry-After when none is free."""
+    handler.responses = {**(handler.responses or {}), 503: ResponseSpec(
+        data_container=ErrorEnvelope, description="No worker is free to run it (see Retry-After)",
+        generate_examples=False)}
+
+
 class APIError(Exception):
     """Raised by services and handlers; rendered as the envelope with ``status``."""
 
@@ -95,11 +106,79 @@ def _param_from_msgspec(message: str) -> tuple[str, str | None]:
     return text, path or None
 
 
+def _pick(tp: Any, value: Any) -> Any:
+    """The member of a (possibly Annotated/Optional/tagged-union) type that ``value`` decodes as."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return tp
+    for member in typing.get_args(tp):
+        member = _pick(member, value)
+        if isinstance(member, type) and issubclass(member, msgspec.Struct) and isinstance(value, dict):
+            config = member.__struct_config__
+            if config.tag_field is None or value.get(config.tag_field) == config.tag:
+                return member
+        elif (typing.get_origin(member), type(value)) in ((dict, dict), (list, list)):
+            return member
+    return tp
+
+
+def _name_dict_keys(param: str, data_type: Any, body: Any) -> str:
+    """msgspec reports a bad dict value as ``graders[...]``; find which key, so the param names it.
+
+    msgspec decodes a dict's values in order and stops at the first bad one, so the first key whose
+    value does not convert alone is the one it meant.
+    """
+    tokens = re.findall(r"\[\.\.\.\]|\[\d+\]|[^.\[\]]+", param)
+    out: list[str] = []
+    tp, value = data_type, body
+    for token in tokens:
+        tp = _pick(tp, value)
+        if token == "[...]":
+            if typing.get_origin(tp) is not dict or not isinstance(value, dict):
+                return param
+            value_type = typing.get_args(tp)[1]
+            for key, item in value.items():
+                try:
+                    msgspec.convert(item, value_type)
+                except msgspec.ValidationError:
+                    out.append(f".{key}")
+                    tp, value = value_type, item
+                    break
+            else:
+                return param
+        elif token.startswith("["):
+            if not isinstance(value, list):
+                return param
+            index = int(token[1:-1])
+            args = typing.get_args(tp)
+            out.append(token)
+            tp, value = (args[0] if args else Any), (value[index] if index < len(value) else None)
+        else:
+            fields = {f.encode_name: f.type for f in msgspec.structs.fields(tp)} \
+                if isinstance(tp, type) and issubclass(tp, msgspec.Struct) else {}
+            out.append(f".{token}" if out else token)
+            tp, value = fields.get(token, Any), (value.get(token) if isinstance(value, dict) else None)
+    return "".join(out)
+
+
+def _refine(request: Request[Any, Any, Any], param: str | None) -> str | None:
+    if not param or "[...]" not in param:
+        return param
+    try:
+        raw = request._connection_state.body  # cached by litestar when it decoded the body
+        body = json.loads(raw if isinstance(raw, bytes) else b"")
+        data_type = request.route_handler.parsed_fn_signature.parameters["data"].annotation
+        return _name_dict_keys(param, data_type, body)
+    except Exception:  # noqa: BLE001 - a better param is a nicety; the 400 stands without it
+        return param
+
+
 def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[dict[str, Any]]:
     return envelope(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
 
-def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+def handle_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     if extra and isinstance(extra[0], dict):
         first = extra[0]
@@ -109,11 +188,11 @@ def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Re
         text, param = _param_from_msgspec(raw)
         if key and param and not param.startswith(key):
             param = f"{key}.{param}"  # litestar strips the path into "key"; msgspec names the leaf
-        param = param or key or None
+        param = _refine(request, param or key or None)
         message = f"{param}: {text}" if param else text
         return envelope(400, message, "invalid_request", param)
     text, param = _param_from_msgspec(str(exc.detail))
-    return envelope(400, text, "invalid_request", param)
+    return envelope(400, text, "invalid_request", _refine(request, param))
 
 
 def handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Limits that protect the service: upload size (enforced while streaming), job-creation rate and
+"""Limits that protect the service: upload size (enforced while streaming), job-creation and grader rates, and
 concurrent jobs per organization.
 
 The upload limit is an ASGI middleware so it can refuse on ``Content-Length`` before reading a byte
@@ -14,9 +14,9 @@ import math
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
-from service.db.models import Job, now
+from service.db.models import Job, RateEvent, now
 from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.settings import LimitSettings
@@ -99,3 +99,20 @@ def check_job_limits(repo: OrgRepository, limits: LimitSettings) -> None:
         retry_after = max(1, math.ceil(oldest_relevant + 60 - now()))
         raise APIError(429, f"rate limit: {limits.job_creates_per_minute} job creations per minute",
                        code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
+
+
+def check_request_rate(repo: OrgRepository, scope: str, per_minute: int) -> None:
+    """429 with Retry-After past ``per_minute`` requests of ``scope`` in the last minute; records this one."""
+    session, org = repo.session, repo.org
+    window_start = now() - 60
+    session.execute(delete(RateEvent).where(RateEvent.organization_id == org, RateEvent.scope == scope,
+                                            RateEvent.created_at < now() - 3600))
+    recent = list(session.scalars(select(RateEvent.created_at).where(
+        RateEvent.organization_id == org, RateEvent.scope == scope, RateEvent.created_at > window_start)
+        .order_by(RateEvent.created_at)))
+    if len(recent) >= per_minute:
+        oldest_relevant = recent[len(recent) - per_minute]
+        retry_after = max(1, math.ceil(oldest_relevant + 60 - now()))
+        raise APIError(429, f"rate limit: {per_minute} {scope} requests per minute", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(retry_after)})
+    repo.add(RateEvent(organization_id=org, scope=scope))

@@ -1,4 +1,4 @@
-"""The Celery application both sides share: the API only sends ``alignd.train`` by name, the worker runs it.
+"""The Celery application both sides share: the API sends ``alignd.train`` (and ``alignd.grade``) by name.
 
 Redis in production; in the embedded default kombu's ``filesystem://`` transport, which needs no
 server and works across processes that share the data dir. It has no fanout exchange, so the worker
@@ -8,6 +8,7 @@ runs without mingle, gossip, heartbeats and remote control (cancel goes through 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
@@ -15,6 +16,9 @@ from celery import Celery
 from service.settings import Settings
 
 TRAIN_TASK = "alignd.train"
+#: grade one sample with a grader that needs a model (score_model / label_model, or a multi holding one);
+#: the API waits for its result (the only task with one), so it alone uses the result backend
+GRADE_TASK = "alignd.grade"
 log = logging.getLogger("alignd.queue")
 
 
@@ -30,6 +34,8 @@ def make_celery(settings: Settings) -> Celery:
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_enable_remote_control": False,
+        "result_expires": 3600,
+        "result_serializer": "json",
         "task_serializer": "json",
         "accept_content": ["json"],
     }
@@ -37,6 +43,8 @@ def make_celery(settings: Settings) -> Celery:
         folder = settings.broker.filesystem_dir
         (folder / "queue").mkdir(parents=True, exist_ok=True)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "results").mkdir(parents=True, exist_ok=True)
+        conf["result_backend"] = f"file://{folder / 'results'}"
         conf["broker_url"] = "filesystem://"
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
@@ -47,6 +55,7 @@ def make_celery(settings: Settings) -> Celery:
         }
     else:
         conf["broker_url"] = settings.broker.url
+        conf["result_backend"] = settings.broker.url  # Redis: results expire (result_expires)
         # Longer than any checkpoint interval: an unacked job is redelivered only after a real loss.
         conf["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
     app.conf.update(conf)
@@ -95,3 +104,35 @@ def queue_depth(app: Celery, settings: Settings, queue: str | None = None) -> in
     if depths is None:
         return None
     return depths.get(queue, 0) if queue is not None else sum(depths.values())
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No worker started the task in time (or the broker is down): the API answers 503 with Retry-After."""
+
+
+def run_grade_task(app: Celery, queue: str, kwargs: dict[str, Any], *, pickup_timeout: float,
+                   run_timeout: float) -> dict[str, Any] | None:
+    """Send ``alignd.grade`` and wait for its result; None when the worker took longer than ``run_timeout``.
+
+    The message expires after ``pickup_timeout``, so a worker that frees up after the caller has been
+    told 503 discards it instead of grading for nobody.
+    """
+    try:
+        result = app.send_task(GRADE_TASK, kwargs=kwargs, queue=queue, expires=pickup_timeout)
+    except Exception as exc:  # noqa: BLE001 - a broker outage is "no worker", not a 500
+        log.warning("could not publish %s: %s", GRADE_TASK, exc)
+        raise NoWorkerAvailable("the broker is unreachable") from None
+    try:
+        deadline = time.monotonic() + pickup_timeout
+        while result.state == "PENDING":
+            if time.monotonic() > deadline:
+                raise NoWorkerAvailable(f"no worker started the grader within {pickup_timeout:g} s")
+            time.sleep(0.05)
+        try:
+            value = result.get(timeout=run_timeout, propagate=False, interval=0.05)
+        except Exception:  # noqa: BLE001 - celery's TimeoutError: the worker is still grading
+            return None
+        return value if isinstance(value, dict) else {"error": repr(value)}
+    finally:
+        if result.state not in ("PENDING", "STARTED"):
+            result.forget()

@@ -18,6 +18,9 @@ what the recipes actually do:
   ppo                   3      4      policy + reference (shared under LoRA), value model
                                       (trainable, initialised from the reward model), reward model
                                       (frozen; sized from its own base when known)
+  reinforcement         1      2      policy; the reference (kl_coef > 0) is the base with the
+                                      adapters disabled (LoRA) or a frozen copy (full); model graders
+                                      run on the worker too and are not counted
   generate_preferences  2      2      sampling model + judge (no training: no trainable state or
                                       activations kept)
   ====================  =====  =====  ==============================================================
@@ -99,6 +102,7 @@ METHOD_COPIES: dict[str, tuple[int, int, int]] = {
     "dpo": (1, 2, 1),
     "ppo": (3, 4, 2),
     "generate_preferences": (2, 2, 0),
+    "reinforcement": (1, 2, 1),
 }
 _NON_GATED = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "gpt_bigcode"})
 
@@ -268,7 +272,7 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
         LOGIT_BYTES_PER_VOCAB
     components = {"weights": weights // shard, "trainable_state": trainable_state // shard,
                   "activations": activations, "logits": logits, "overhead": OVERHEAD_BYTES}
-    if job.method == "ppo":
+    if job.method in ("ppo", "reinforcement"):  # generation: batch_size x group_size sequences for RFT
         rollouts = math.ceil(job.rollout_batch_size / devices)
         components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token()
     if strategy == "fsdp":  # one layer gathered in full (and the next prefetched)

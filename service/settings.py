@@ -28,6 +28,16 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str
@@ -118,6 +128,34 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class GraderSettings:
+    """``graders/run`` and the python-grader sandbox (see service/graders/).
+
+    ``ALIGND_GRADER_QUEUE``: the Celery queue model graders are sent to (default: the first configured
+    queue). ``ALIGND_GRADER_PICKUP_TIMEOUT``: seconds the API waits for a worker to start a model
+    grader before answering 503 with Retry-After; ``ALIGND_GRADER_RUN_TIMEOUT``: seconds it then waits
+    for the result. ``ALIGND_GRADER_REQUESTS_PER_MINUTE``: validate + run calls per organization.
+    ``ALIGND_GRADER_SAMPLE_TIMEOUT``, ``ALIGND_GRADER_CPU_SECONDS``, ``ALIGND_GRADER_MEMORY_BYTES``,
+    ``ALIGND_GRADER_MAX_PROCESSES``, ``ALIGND_GRADER_TMP_BYTES``: the sandbox's limits per call;
+    ``ALIGND_GRADER_SANDBOX_UID_BASE``: the first uid of the range sandboxes run as (65536 uids).
+    ``ALIGND_GRADER_CGROUP``: ``auto`` (a memory + pids cgroup per call where one can be made), ``off``,
+    or a delegated cgroup v2 directory.
+    """
+
+    queue: str | None = None
+    pickup_timeout: float = 10.0
+    run_timeout: float = 120.0
+    requests_per_minute: int = 120
+    sample_timeout: float = 120.0
+    cpu_seconds: int = 120
+    memory_bytes: int = 2 << 30
+    max_processes: int = 32
+    tmp_bytes: int = 256 << 20
+    sandbox_uid_base: int = 10_000_000
+    cgroup: str = "auto"
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     database: DatabaseSettings
@@ -128,6 +166,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    graders: GraderSettings = field(default_factory=GraderSettings)
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> Settings:
@@ -161,6 +200,19 @@ class Settings:
                 queues=queues,
                 worker_queue=_env("ALIGND_WORKER_QUEUE") or ",".join(q.name for q in queues),
                 tokens_per_second=float(_env("ALIGND_TOKENS_PER_SECOND", "1000") or 1000),
+            ),
+            graders=GraderSettings(
+                queue=_env("ALIGND_GRADER_QUEUE"),
+                pickup_timeout=_float("ALIGND_GRADER_PICKUP_TIMEOUT", 10.0),
+                run_timeout=_float("ALIGND_GRADER_RUN_TIMEOUT", 120.0),
+                requests_per_minute=_int("ALIGND_GRADER_REQUESTS_PER_MINUTE", 120),
+                sample_timeout=_float("ALIGND_GRADER_SAMPLE_TIMEOUT", 120.0),
+                cpu_seconds=_int("ALIGND_GRADER_CPU_SECONDS", 120),
+                memory_bytes=_int("ALIGND_GRADER_MEMORY_BYTES", 2 << 30),
+                max_processes=_int("ALIGND_GRADER_MAX_PROCESSES", 32),
+                tmp_bytes=_int("ALIGND_GRADER_TMP_BYTES", 256 << 20),
+                sandbox_uid_base=_int("ALIGND_GRADER_SANDBOX_UID_BASE", 10_000_000),
+                cgroup=_env("ALIGND_GRADER_CGROUP", "auto") or "auto",
             ),
             metrics=MetricsSettings(
                 worker_port=int(port) if port else None,

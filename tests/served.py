@@ -26,9 +26,9 @@ class Served:
 
 
 @contextmanager
-def embedded_server(root: Path, org: str = "acme") -> Iterator[Served]:
+def embedded_server(root: Path, org: str = "acme", extra_env: dict[str, str] | None = None) -> Iterator[Served]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
-    env |= {"ALIGND_DATA_DIR": str(root / "data"), "ALIGND_MODEL_CACHE": str(MODEL_CACHE)}
+    env |= {"ALIGND_DATA_DIR": str(root / "data"), "ALIGND_MODEL_CACHE": str(MODEL_CACHE), **(extra_env or {})}
     key = alignd("keys", "create", "--org", org, env=env).strip()
     port = free_port()
     log = root / "serve.log"

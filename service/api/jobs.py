@@ -58,11 +58,11 @@ class JobsController(Controller):
         state = app_state(request)
         if data.dry_run:  # the estimate only: nothing is created, queued or remembered
             with org_repo(state, principal) as repo:
-                return present_estimate(data, check_job(repo, state.settings, data))
+                return present_estimate(data, check_job(repo, state.settings, data, state.store))
         digest = request_hash(to_builtins(data))
 
         def create(repo: OrgRepository) -> tuple[str, dict[str, Any]]:
-            job = create_job(repo, state.settings, data)
+            job = create_job(repo, state.settings, data, state.store)
             return job.id, present_job(job)
 
         body, created = run_idempotent(state, principal, "jobs", idempotency_key, digest, create,

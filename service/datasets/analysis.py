@@ -19,6 +19,9 @@ What it reports (every share is a fraction of the analysed examples, rounded to 
   ``near_duplicate_pairs`` (token-set Jaccard of chosen and rejected >= 0.9) and
   ``factual_share`` (the prompt is a who/what/when/where/which/how-many question and the chosen
   answer has words the rejected one lacks, i.e. the two answers disagree on content, not style).
+- ``reinforcement`` (RFT lines only): ``fields``, how many lines carry each extra top-level field
+  (what graders read as ``{{item.<field>}}``); a field missing from some lines is named in a warning,
+  because a job whose grader reads it is refused.
 - ``recommendation``: ``{method, reasons, warnings}`` from the decision guide in
   ``docs/choosing-a-method.md``.
 """
@@ -54,6 +57,8 @@ _SPACE = re.compile(r"\s+")
 _FACTUAL_START = re.compile(
     r"^\s*(who|whom|whose|what|when|where|which|how (many|much|long|far|old|tall|big))\b", re.IGNORECASE)
 _SCORE_KEYS = ("score", "reward")
+_PROMPT_KEYS = frozenset({"messages", "id", "metadata"})
+MAX_FIELDS = 100
 
 Message = dict[str, Any]
 
@@ -180,6 +185,13 @@ class _Stats:
     near_duplicates: int = 0
     with_margin: int = 0
     factual: int = 0
+    # reinforcement lines: extra field -> lines that carry it
+    fields: dict[str, int] = field(default_factory=dict)
+
+    def add_fields(self, row: dict[str, Any]) -> None:
+        for key in row:
+            if key not in _PROMPT_KEYS and len(self.fields) < MAX_FIELDS or key in self.fields:
+                self.fields[key] = self.fields.get(key, 0) + 1
 
     def add(self, ex: _Example) -> None:
         self.examples += 1
@@ -263,6 +275,8 @@ class _Stats:
                 "with_margin": self.with_margin,
                 "factual_share": _share(self.factual, n),
             }
+        if self.kind == "reinforcement":
+            out["reinforcement"] = {"fields": dict(sorted(self.fields.items()))}
         out["recommendation"] = recommend(out)
         return out
 
@@ -270,7 +284,7 @@ class _Stats:
 def recommend(analysis: dict[str, Any]) -> dict[str, Any]:
     """The decision guide (docs/choosing-a-method.md) applied to an analysis: ``{method, reasons, warnings}``.
 
-    ``method`` is a ``method.type`` (``dpo``, ``supervised``, ``reward_model``, ``ppo``) or
+    ``method`` is a ``method.type`` (``dpo``, ``supervised``, ``reward_model``, ``ppo``, ``reinforcement``) or
     ``collect_more`` when the data cannot carry what the task needs.
     """
     kind, n = analysis["format"], analysis["examples"]
@@ -333,10 +347,21 @@ def recommend(analysis: dict[str, Any]) -> dict[str, Any]:
             if multi > 0:
                 reasons.append(f"{multi:.0%} of examples are multi-turn: every weighted assistant turn is "
                                "trained (set weight 0 on turns that should stay context)")
+    elif kind == "reinforcement":
+        method = "reinforcement"
+        fields = analysis.get("reinforcement", {}).get("fields", {})
+        named = ", ".join(fields) or "none"
+        reasons.append(f"prompts with reference fields ({named}): reinforcement fine-tuning with a grader that "
+                       "reads them as {{item.<field>}} (docs/reinforcement.md)")
+        partial = [f"{name} ({count} of {n})" for name, count in fields.items() if count < n]
+        if partial:
+            warnings.append("some lines lack a field: " + ", ".join(partial) + "; a job whose grader reads "
+                            "a missing field is refused at creation")
     else:
         method = "ppo"
         reasons.append("prompts only: PPO samples answers and needs a reward model (a succeeded "
-                       "reward_model job's fine_tuned_model as hyperparameters.reward_model)")
+                       "reward_model job's fine_tuned_model as hyperparameters.reward_model), or "
+                       "reinforcement fine-tuning with a grader")
     return {"method": method, "reasons": reasons, "warnings": warnings}
 
 
@@ -361,7 +386,11 @@ def analyze_jsonl(source: BinaryIO | Iterable[bytes], *, kind: str | None = None
             continue
         if stats.kind is None:
             stats.kind, stats.variant = detected[0].value, detected[1]
-        if (detected[0].value, detected[1]) != (stats.kind, stats.variant):
+        rft_line = stats.kind == "reinforcement" and detected[1] == "messages" and detected[0].value in (
+            "reinforcement", "prompts")
+        if (detected[0].value, detected[1]) != (stats.kind, stats.variant) and not rft_line:
             continue
+        if stats.kind == "reinforcement":
+            stats.add_fields(row)
         stats.add(_example(row, detected[1]))
     return stats.to_dict()

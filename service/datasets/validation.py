@@ -16,9 +16,14 @@ Formats (one JSON object a line; blank lines are ignored):
   ``chosen_score``/``rejected_score`` (a judge's scores, as ``generate_preferences`` writes them).
 - ``prompts`` (PPO): ``{"messages": [...]}`` ending with a user turn (``messages``) or
   ``{"prompt": str}`` (``prompt``).
+- ``reinforcement`` (OpenAI's RFT lines): ``{"messages": [...]}`` ending with a user turn plus any
+  extra top-level fields, which graders read as ``{{item.<field>}}``; OpenAI's ``developer`` role is
+  allowed in these conversations (a recipe renders it as ``system``). A file may mix such lines
+  with plain ``messages`` prompts (a line that needs no reference data); it is then a
+  reinforcement file.
 
-Every line may also carry ``id`` and ``metadata``; any other top-level key is rejected so a typo
-(``"complet"``) is caught instead of silently training on nothing.
+Every line may also carry ``id`` and ``metadata``; any other top-level key is rejected (except in a
+reinforcement line) so a typo (``"complet"``) is caught instead of silently training on nothing.
 
 The validator is pure standard library (the API image must stay small) and streams its input: it
 holds at most one line (bounded by ``max_line_bytes``) in memory and never raises on bad input,
@@ -39,6 +44,7 @@ MAX_REPORTED_ERRORS = 20
 
 _CHUNK_BYTES = 1 << 16
 _ROLES = ("system", "user", "assistant")
+_PROMPT_ROLES = ("system", "developer", "user", "assistant")
 _COMMON_KEYS = frozenset({"id", "metadata"})
 _OPENAI_PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
 _TRL_PREFERENCE_KEYS = frozenset({"chosen", "rejected"})
@@ -54,6 +60,7 @@ class DatasetKind(StrEnum):
     SUPERVISED = "supervised"
     PREFERENCE = "preference"
     PROMPTS = "prompts"
+    REINFORCEMENT = "reinforcement"
 
 
 # Per-side judge scores a preference line may keep (``generate_preferences`` writes them).
@@ -73,6 +80,7 @@ _METHOD_KINDS: dict[str, frozenset[DatasetKind]] = {
     "reward_model": frozenset({DatasetKind.PREFERENCE}),
     "ppo": frozenset({DatasetKind.PROMPTS}),
     "generate_preferences": frozenset({DatasetKind.PROMPTS}),
+    "reinforcement": frozenset({DatasetKind.REINFORCEMENT, DatasetKind.PROMPTS}),
 }
 
 
@@ -220,7 +228,8 @@ def _check_string(value: object, path: str, *, non_empty: bool) -> str:
     return value
 
 
-def _check_messages(value: object, path: str, *, weights: bool) -> list[dict[str, Any]]:
+def _check_messages(value: object, path: str, *, weights: bool,
+                    roles: tuple[str, ...] = _ROLES) -> list[dict[str, Any]]:
     """Check a list of chat messages; only supervised conversations may carry per-turn weights."""
     if not isinstance(value, list):
         _fail("wrong_type", f"{path}: expected an array of messages, got {_a(_json_type(value))}")
@@ -239,8 +248,8 @@ def _check_messages(value: object, path: str, *, weights: bool) -> list[dict[str
         role = message["role"]
         if not isinstance(role, str):
             _fail("wrong_type", f"{where}.role: expected a string, got {_a(_json_type(role))}")
-        if role not in _ROLES:
-            expected = "expected system, user or assistant"
+        if role not in roles:
+            expected = f"expected {', '.join(roles[:-1])} or {roles[-1]}"
             _fail("unknown_role", f"{where}.role: unknown role {_short(role)} ({expected})")
         _check_string(message["content"], f"{where}.content", non_empty=role == "assistant")
         if "weight" in message:
@@ -305,10 +314,11 @@ def _classify(example: dict[str, Any]) -> tuple[DatasetKind, str, int]:
             "unknown_format",
             f"no known format matches the keys found ({found}{more}); expected {_EXPECTED_FORMATS}",
         )
+    if variant == "messages":
+        _check_common(example)
+        return _classify_messages(example)
     _check_keys(example, _VARIANT_KEYS[variant], f"a {variant} example")
     _check_common(example)
-    if variant == "messages":
-        return _classify_messages(example)
     if variant == "prompt_completion":
         _require(example, ("prompt", "completion"))
         _check_string(example["prompt"], "prompt", non_empty=True)
@@ -324,11 +334,20 @@ def _classify(example: dict[str, Any]) -> tuple[DatasetKind, str, int]:
 
 
 def _classify_messages(example: dict[str, Any]) -> tuple[DatasetKind, str, int]:
-    """A conversation is supervised when it ends with the assistant, a PPO prompt when with the user."""
-    messages = _check_messages(example["messages"], "messages", weights=True)
+    """A conversation is supervised when it ends with the assistant, a prompt when with the user.
+
+    A prompt line with fields beyond ``messages``/``id``/``metadata`` (or a ``developer`` turn) is an
+    OpenAI RFT line: the fields are what its grader reads.
+    """
+    messages = _check_messages(example["messages"], "messages", weights=True, roles=_PROMPT_ROLES)
     last = len(messages) - 1
     role = messages[last]["role"]
     if role == "assistant":
+        _check_keys(example, _VARIANT_KEYS["messages"], "a messages example")
+        for index, message in enumerate(messages):
+            if message["role"] == "developer":
+                _fail("unknown_role", f"messages[{index}].role: unknown role 'developer' in a supervised "
+                      "example (expected system, user or assistant)")
         if all(message.get("weight", 1) == 0 for message in messages if message["role"] == "assistant"):
             _fail("invalid_weight", "messages: every assistant turn has weight 0; nothing would be trained")
         return DatasetKind.SUPERVISED, "messages", _count_user_turns(messages)
@@ -340,6 +359,9 @@ def _classify_messages(example: dict[str, Any]) -> tuple[DatasetKind, str, int]:
                     f"messages[{index}]: unknown field 'weight' (weights apply only to supervised examples; "
                     "a conversation ending with a user turn is a prompt)",
                 )
+        extra = [key for key in example if key not in _VARIANT_KEYS["messages"]]
+        if extra or any(message["role"] == "developer" for message in messages):
+            return DatasetKind.REINFORCEMENT, "messages", _count_user_turns(messages)
         return DatasetKind.PROMPTS, "messages", _count_user_turns(messages)
     _fail(
         "wrong_last_turn",
@@ -588,6 +610,11 @@ def _parse_line(raw: bytes, max_depth: int, offset: int) -> dict[str, Any]:
     return value
 
 
+def _prompt_lines_join(file_kind: DatasetKind, file_variant: str | None, kind: DatasetKind, variant: str) -> bool:
+    pair = {file_kind, kind}
+    return file_variant == variant == "messages" and pair == {DatasetKind.PROMPTS, DatasetKind.REINFORCEMENT}
+
+
 def _mixed_message(kind: DatasetKind, variant: str, file_kind: DatasetKind, file_variant: str | None) -> str:
     if kind != file_kind:
         return f"{kind} example ({variant}) in a {file_kind} file ({file_variant}); use one format per file"
@@ -626,6 +653,9 @@ def validate_jsonl(
             kind, variant, user_turns = _classify(example)
             if report.kind is None:
                 report.kind, report.variant = kind, variant
+            elif _prompt_lines_join(report.kind, report.variant, kind, variant):
+                # plain prompts and RFT lines mix: the file holds reinforcement data
+                report.kind = DatasetKind.REINFORCEMENT
             elif (kind, variant) != (report.kind, report.variant):
                 _fail("mixed_format", _mixed_message(kind, variant, report.kind, report.variant))
         except _Invalid as exc:

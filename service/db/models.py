@@ -139,3 +139,18 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     object_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class RateEvent(Base):
+    """One rate-limited request (``scope`` e.g. ``graders``) that creates no row of its own.
+
+    Counted like job creations, in the database, so every API replica sees the same numbers; rows
+    older than an hour are pruned as new ones arrive.
+    """
+
+    __tablename__ = "rate_events"
+    __table_args__ = (Index("ix_rate_events_org_scope_time", "organization_id", "scope", "created_at"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[float] = mapped_column(Float, default=now)

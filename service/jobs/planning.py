@@ -98,7 +98,8 @@ def job_shape(spec: JobCreate) -> JobShape:
         lora_r=training.r if isinstance(training, LoraTraining) else 0,
         lora_target_modules=tuple(training.target_modules) if isinstance(training, LoraTraining) else (),
         batch_size=hp.batch_size, max_length=hp.max_length, gradient_checkpointing=hp.gradient_checkpointing,
-        rollout_batch_size=int(getattr(hp, "rollout_batch_size", 16)),
+        rollout_batch_size=int(getattr(hp, "rollout_batch_size", 16)) if spec.method.type != "reinforcement"
+        else hp.batch_size * int(getattr(hp, "group_size", 8)),
         mini_batch_size=int(getattr(hp, "mini_batch_size", 4)),
     )
 

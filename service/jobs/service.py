@@ -14,10 +14,12 @@ from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.jobs.chaining import validate_generate_preferences, validate_ppo
 from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
-from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, to_builtins
+from service.jobs.reinforcement import hyperparameter_notes, validate_reinforcement
+from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, ReinforcementHyperparameters, to_builtins
 from service.limits import check_job_limits
 from service.model_registry import is_base_model
 from service.settings import Settings
+from service.storage import ObjectStore, open_store
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -56,9 +58,9 @@ def validate_file(repo: OrgRepository, file_id: str, param: str, method_type: st
                        f"{' or '.join(sorted(allowed))} data", code="invalid_file_format", param=param)
 
 
-def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
+def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate, store: ObjectStore | None = None) -> Job:
     check_job_limits(repo, settings.limits)
-    plan = check_job(repo, settings, spec)
+    plan = check_job(repo, settings, spec, store)
     job = Job(
         id=new_id("ftjob"), organization_id=repo.org, model=spec.model, training_file=spec.training_file,
         validation_file=spec.validation_file, suffix=spec.suffix,
@@ -72,24 +74,34 @@ def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> Job:
     repo.add(JobEvent(job_id=job.id, message=plan_message(plan),
                       data={"estimated_memory_bytes": job.estimated_memory_bytes, "queue": job.queue,
                             **plan.resources}))
+    hp = spec.method.hyperparameters()
+    if isinstance(hp, ReinforcementHyperparameters):
+        for note in hyperparameter_notes(hp):
+            repo.add(JobEvent(job_id=job.id, level="warn", message=note))
     job.status = "queued"
     job.enqueued_at = now()
     repo.add(JobEvent(job_id=job.id, message="Job queued"))
     return job
 
 
-def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPlan:
-    """Every rule a job must pass, then its memory estimate and queue (what ``dry_run`` answers with)."""
+def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate, store: ObjectStore | None = None) -> JobPlan:
+    """Every rule a job must pass, then its memory estimate and queue (what ``dry_run`` answers with).
+
+    ``store`` (the app's object store) is read only for reinforcement jobs, whose grader's ``{{item.x}}``
+    fields are checked against every line of the files."""
     method_type = spec.method.type
     if method_type not in IMPLEMENTED_METHODS:
         raise APIError(400, f"method '{method_type}' is not available in this release "
                        f"(available: {', '.join(sorted(IMPLEMENTED_METHODS))})",
                        code="unsupported_method", param="method.type")
-    other = [name for name in ("supervised", "dpo", "reward_model", "ppo", "generate_preferences")
+    other = [name for name in ("supervised", "dpo", "reward_model", "ppo", "reinforcement", "generate_preferences")
              if name != method_type and getattr(spec.method, name) is not None]
     if other:
         raise APIError(400, f"method.{other[0]} given but method.type is '{method_type}'",
                        code="invalid_request", param=f"method.{other[0]}")
+    if method_type == "reinforcement" and spec.method.reinforcement is None:
+        raise APIError(400, "a reinforcement job needs method.reinforcement.grader (OpenAI's grader object)",
+                       code="invalid_request", param="method.reinforcement.grader")
     hp = spec.method.hyperparameters()
     if getattr(hp, "label_smoothing", 0.0) and getattr(hp, "loss_type", "robust") != "robust":
         raise APIError(400, "label_smoothing applies only to loss_type 'robust'", code="invalid_request",
@@ -102,6 +114,8 @@ def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPl
     validate_file(repo, spec.training_file, "training_file", method_type)
     if spec.validation_file:
         validate_file(repo, spec.validation_file, "validation_file", method_type)
+    if method_type == "reinforcement":
+        validate_reinforcement(repo, settings, spec, store or open_store(settings.storage))
     return plan_job(repo, settings, spec)
 
 

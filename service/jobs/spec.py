@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from service.graders.types import Grader
+
 PositiveInt = Annotated[int, Meta(ge=1)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
@@ -85,6 +87,74 @@ class GeneratePreferencesHyperparameters(CommonHyperparameters, kw_only=True):
     min_margin: Annotated[float, Meta(ge=0.0)] = 0.0
 
 
+Auto = Literal["auto"]
+
+
+class ReinforcementHyperparameters(CommonHyperparameters, kw_only=True):
+    """Reinforcement fine-tuning with a grader (OpenAI's RFT): sample ``group_size`` completions for each
+    of ``batch_size`` prompts, grade them, and update the policy on group-relative advantages.
+
+    OpenAI's fields come first, "auto" allowed where OpenAI allows it; "auto" resolves when the spec
+    is decoded (``n_epochs`` and ``batch_size`` to the common defaults, the multipliers to 1.0,
+    ``eval_interval``/``eval_samples`` to None: the recipe's default). The effective learning rate is
+    ``learning_rate * learning_rate_multiplier``. ``reasoning_effort`` and ``compute_multiplier`` are
+    accepted for compatibility; an event on the job says when they have no effect.
+
+    The rest are alignd's, with TRL 1.16 ``GRPOConfig``'s defaults where TRL has the knob:
+    ``group_size`` = ``num_generations`` (8), ``max_new_tokens`` = ``max_completion_length`` (512),
+    ``temperature`` (1.0), ``top_p`` (1.0), ``kl_coef`` = ``beta`` (0.0; the reference is the base with
+    the adapters disabled), ``loss_type`` ("dapo"), ``epsilon`` (0.2), ``epsilon_high`` (None: same as
+    ``epsilon``), ``scale_rewards`` ("group"; True/False mean "group"/"none"),
+    ``mask_truncated_completions`` (False), ``num_iterations`` (1). ``algorithm``: "grpo" (default),
+    "rloo" (leave-one-out baseline) or "ppo" (the PPO engine with the grader as its reward).
+    """
+
+    # OpenAI's reinforcement hyperparameters
+    n_epochs: Annotated[int, Meta(ge=1, le=1000)] | Auto = 1  # type: ignore[assignment]
+    batch_size: Annotated[int, Meta(ge=1, le=4096)] | Auto = 8  # type: ignore[assignment]
+    learning_rate_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] | Auto = 1.0
+    eval_interval: PositiveInt | Auto | None = None
+    eval_samples: PositiveInt | Auto | None = None
+    compute_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] | Auto = 1.0
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    # alignd's
+    algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
+    group_size: Annotated[int, Meta(ge=2, le=256)] = 8
+    max_new_tokens: Annotated[int, Meta(ge=1, le=32768)] = 512
+    temperature: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    kl_coef: Annotated[float, Meta(ge=0.0)] = 0.0
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    epsilon: Annotated[float, Meta(gt=0.0, le=10.0)] = 0.2
+    epsilon_high: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    scale_rewards: Literal["group", "batch", "none"] | bool = "group"
+    mask_truncated_completions: bool = False
+    num_iterations: Annotated[int, Meta(ge=1, le=100)] = 1
+
+    def __post_init__(self) -> None:
+        defaults = CommonHyperparameters()
+        if self.n_epochs == "auto":
+            self.n_epochs = defaults.n_epochs
+        if self.batch_size == "auto":
+            self.batch_size = defaults.batch_size
+        if self.learning_rate_multiplier == "auto":
+            self.learning_rate_multiplier = 1.0
+        if self.compute_multiplier == "auto":
+            self.compute_multiplier = 1.0
+        if self.eval_interval == "auto":
+            self.eval_interval = None
+        if self.eval_samples == "auto":
+            self.eval_samples = None
+        if self.scale_rewards is True:
+            self.scale_rewards = "group"
+        elif self.scale_rewards is False:
+            self.scale_rewards = "none"
+
+    @property
+    def effective_learning_rate(self) -> float:
+        return self.learning_rate * float(self.learning_rate_multiplier)
+
+
 class SupervisedMethod(Struct, forbid_unknown_fields=True):
     hyperparameters: SupervisedHyperparameters = msgspec.field(default_factory=SupervisedHyperparameters)
 
@@ -106,7 +176,14 @@ class GeneratePreferencesMethod(Struct, forbid_unknown_fields=True):
         default_factory=GeneratePreferencesHyperparameters)
 
 
-MethodType = Literal["supervised", "dpo", "reward_model", "ppo", "generate_preferences"]
+class ReinforcementMethod(Struct, forbid_unknown_fields=True):
+    """OpenAI's ``{"grader": <grader>, "hyperparameters": {...}}``; the grader is one of service.graders.types."""
+
+    grader: Grader
+    hyperparameters: ReinforcementHyperparameters = msgspec.field(default_factory=ReinforcementHyperparameters)
+
+
+MethodType = Literal["supervised", "dpo", "reward_model", "ppo", "reinforcement", "generate_preferences"]
 
 
 class Method(Struct, forbid_unknown_fields=True):
@@ -117,9 +194,12 @@ class Method(Struct, forbid_unknown_fields=True):
     dpo: DpoMethod | None = None
     reward_model: RewardModelMethod | None = None
     ppo: PpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
     generate_preferences: GeneratePreferencesMethod | None = None
 
     def hyperparameters(self) -> CommonHyperparameters:
+        """The selected method's hyperparameters (defaults when its block is absent; a reinforcement
+        method always has its block, since its grader is required: check_job refuses it otherwise)."""
         body = getattr(self, self.type)
         if body is None:
             body = _METHOD_BODIES[self.type]()
@@ -136,6 +216,7 @@ _METHOD_BODIES: dict[str, type[Struct]] = {
     "dpo": DpoMethod,
     "reward_model": RewardModelMethod,
     "ppo": PpoMethod,
+    "reinforcement": ReinforcementMethod,
     "generate_preferences": GeneratePreferencesMethod,
 }
 
@@ -234,7 +315,7 @@ class JobCreate(Struct, forbid_unknown_fields=True):
 
 # Methods whose recipes the workers of this release ship; others are refused at creation.
 IMPLEMENTED_METHODS: frozenset[str] = frozenset({"dpo", "supervised", "reward_model", "ppo",
-                                                  "generate_preferences"})
+                                                  "reinforcement", "generate_preferences"})
 
 
 def to_builtins(value: Any) -> Any:
