@@ -19,6 +19,9 @@ Recipe names (TRL's) → Prometheus (labels ``job_id``, ``method``):
 - reward model ``margin`` → ``alignd_job_reward{kind="margin"}``,
   ``accuracy`` → ``alignd_job_reward_accuracy``
 - PPO ``objective/kl`` → ``alignd_job_kl``, ``objective/scores`` → ``alignd_job_reward{kind="score"}``
+- reinforcement ``reward`` → ``alignd_job_reward{kind="score"}``, ``eval/reward`` → ``{kind="eval"}``,
+  ``kl`` → ``alignd_job_kl`` (per token, with ``kl_coef`` > 0), ``completions/clipped_ratio`` →
+  ``alignd_job_completions_clipped_ratio``, ``frac_reward_zero_std`` → ``alignd_job_reward_zero_std_ratio``
 - ``tokens_per_second`` → ``alignd_job_tokens_per_second``
 - ``memory/host_peak_rss_bytes`` → ``alignd_job_host_memory_bytes``
 - ``memory/gpu_peak_allocated_bytes/<device>`` → ``alignd_job_gpu_memory_bytes{device="<device>"}``
@@ -137,6 +140,13 @@ _METHOD_SERIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "objective/kl": ("alignd_job_kl", ()),
         "objective/scores": ("alignd_job_reward", ("score",)),
     },
+    "reinforcement": {  # TRL's GRPO names
+        "reward": ("alignd_job_reward", ("score",)),
+        "kl": ("alignd_job_kl", ()),
+        "completions/clipped_ratio": ("alignd_job_completions_clipped_ratio", ()),
+        "frac_reward_zero_std": ("alignd_job_reward_zero_std_ratio", ()),
+        "eval/reward": ("alignd_job_reward", ("eval",)),
+    },
     "generate_preferences": {  # the judge's scores of the pairs kept so far
         "score/chosen_mean": ("alignd_job_reward", ("chosen",)),
         "score/rejected_mean": ("alignd_job_reward", ("rejected",)),
@@ -151,8 +161,12 @@ JOB_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "alignd_job_step": ("Optimizer steps done", ()),
     "alignd_job_loss": ("Training loss at the latest step", ()),
     "alignd_job_kl": ("KL to the reference (PPO: sampled; DPO: mean policy/reference log-ratio)", ()),
-    "alignd_job_reward": ("Reward at the latest step (chosen/rejected/margin: DPO, RM; score: PPO)",
-                          ("kind",)),
+    "alignd_job_reward": ("Reward at the latest step (chosen/rejected/margin: DPO, RM; score: PPO and "
+                          "reinforcement; eval: reinforcement's latest evaluation)", ("kind",)),
+    "alignd_job_completions_clipped_ratio": ("Share of the latest step's completions cut at max_new_tokens "
+                                             "(reinforcement)", ()),
+    "alignd_job_reward_zero_std_ratio": ("Share of the latest step's groups whose samples all got the same "
+                                         "reward: no learning signal (reinforcement)", ()),
     "alignd_job_reward_accuracy": ("Share of pairs whose chosen reward beats the rejected one", ()),
     "alignd_job_tokens_per_second": ("Tokens processed per second in the latest step", ()),
     "alignd_job_gpu_memory_bytes": ("Peak CUDA memory allocated by the job, per device", ("device",)),

@@ -42,8 +42,13 @@ DASHBOARD = MONITORING / "alignd-dashboard.json"
 RULES = MONITORING / "prometheusrule.yaml"
 RULE_TESTS = MONITORING / "tests"
 PER_JOB = ("alignd_job_step", "alignd_job_loss", "alignd_job_kl", "alignd_job_reward", "alignd_job_reward_accuracy",
-           "alignd_job_tokens_per_second", "alignd_job_gpu_memory_bytes", "alignd_job_host_memory_bytes")
+           "alignd_job_tokens_per_second", "alignd_job_gpu_memory_bytes", "alignd_job_host_memory_bytes",
+           "alignd_job_completions_clipped_ratio", "alignd_job_reward_zero_std_ratio")
 CUDA_ONLY = {"alignd_job_gpu_memory_bytes"}  # peak CUDA memory: no sample on a CPU worker
+#: series only a reinforcement job has: their panels are shown with ``$job_id`` = the reinforcement job
+RFT_ONLY = {"alignd_job_completions_clipped_ratio", "alignd_job_reward_zero_std_ratio"}
+RFT_GRADER = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "eq"}
 
 
 def binary(name: str) -> str:
@@ -145,6 +150,7 @@ class Live:
     long_job: str
     jobs: list[str]
     log: Path
+    rft_job: str = ""
 
     def query_range(self, expr: str) -> list[dict[str, Any]]:
         r = httpx.get(f"{self.prometheus}/api/v1/query_range", timeout=30,
@@ -227,15 +233,32 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             # several scrapes of the running job's series from the worker's port
             _wait(lambda: bool(live_view().query(f'count_over_time(alignd_job_step{{job_id="{long_job}"}}[1m]) >= 4')),
                   "Prometheus scrapes the running job", 60, serve_log)
+            _wait(lambda: bool(live_view().query(f'max_over_time(alignd_job_step{{job_id="{long_job}"}}[1m]) >= 3')),
+                  "Prometheus sees the running job at step 3", 120, serve_log)
             assert http.post(f"/v1/fine_tuning/jobs/{long_job}/cancel").status_code == 200
             _wait(lambda: status(long_job) == "cancelled", f"{long_job} is cancelled", 60, serve_log)
             second = create({"max_steps": 2})
             _wait(lambda: status(second) == "succeeded", f"{second} succeeds", 300, serve_log)
+            # a reinforcement job whose completions are all cut at one token: scraped while it runs
+            rft_file = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("rft.jsonl", jsonl(
+                [{"messages": [{"role": "user", "content": f"{a}+1?"}], "answer": str(a + 1)} for a in range(8)]))}
+                ).json()
+            r = http.post("/v1/fine_tuning/jobs", json={
+                "model": "tiny-random-llama", "training_file": rft_file["id"],
+                "method": {"type": "reinforcement", "reinforcement": {"grader": RFT_GRADER, "hyperparameters": {
+                    "batch_size": 2, "group_size": 2, "max_new_tokens": 1, "n_epochs": 200}}}})
+            assert r.status_code == 200, r.text
+            rft_job = str(r.json()["id"])
+            _wait(lambda: bool(live_view().query(
+                f'count_over_time(alignd_job_completions_clipped_ratio{{job_id="{rft_job}"}}[1m]) >= 3')),
+                "Prometheus scrapes the reinforcement job", 300, serve_log)
+            assert http.post(f"/v1/fine_tuning/jobs/{rft_job}/cancel").status_code == 200
+            _wait(lambda: status(rft_job) == "cancelled", f"{rft_job} is cancelled", 60, serve_log)
             _wait(lambda: bool(live_view().query(
                 'alignd_job_duration_seconds_count{method="dpo",status="succeeded"} == 2')),
                 "Prometheus sees both finished jobs", 30, serve_log)
             time.sleep(2)  # a couple more scrapes after the last change
-            yield Live(prom_url, start, time.time(), long_job, [first, long_job, second], serve_log)
+            yield Live(prom_url, start, time.time(), long_job, [first, long_job, second, rft_job], serve_log, rft_job)
         finally:
             stop(prom)
             stop(serve, timeout=20)
@@ -250,7 +273,8 @@ def test_prometheus_scrapes_the_api_and_the_worker(live: Live) -> None:
 
 
 def _substitute(expr: str, live: Live) -> str:
-    variables = {"$job_id": live.long_job, "${job_id}": live.long_job}  # ids are [a-z0-9-]: no regex escapes
+    job = live.rft_job if set(re.findall(r"\balignd_[a-z_]+\b", expr)) & RFT_ONLY else live.long_job
+    variables = {"$job_id": job, "${job_id}": job}  # ids are [a-z0-9-]: no regex escapes
     for name, value in variables.items():
         expr = expr.replace(name, value)
     assert "$" not in expr, f"unsubstituted template variable in {expr}"

@@ -178,19 +178,24 @@ def _restore_python_rng(value: torch.Tensor) -> None:
     random.setstate((items[0], tuple(items[1:-1]), None))
 
 
+def capture_rng() -> dict[str, Any]:
+    """torch's (CPU and CUDA) and Python's RNG states."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": _python_rng_as_tensor()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    _restore_python_rng(state["python_rng"])
+
+
 def capture_state(*, step: int, tokens: int, metrics: dict[str, float], optimizer: Any, scheduler: Any,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "step": step,
-        "tokens": tokens,
-        "metrics": dict(metrics),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": _python_rng_as_tensor(),
-        "extra": extra or {},
-    }
+    return {"step": step, "tokens": tokens, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), **capture_rng(), "extra": extra or {}}
 
 
 def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer: Any, scheduler: Any,
@@ -203,8 +208,5 @@ def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer:
         state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if torch.cuda.is_available() and state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    _restore_python_rng(state["python_rng"])
+    restore_rng(state)
     return state

@@ -213,10 +213,14 @@ def _messages(value: Any, string_role: str | None) -> list[Message]:
     return [_message(item) for item in value]
 
 
+#: OpenAI's newer name for the system role (RFT lines use it); chat templates know only "system".
+ROLE_ALIASES = {"developer": "system"}
+
+
 def _message(raw: Any) -> Message:
     if not isinstance(raw, Mapping):
         raise ValueError("each message must be an object")
-    role = raw.get("role")
+    role = ROLE_ALIASES.get(raw.get("role"), raw.get("role"))  # type: ignore[arg-type]
     if role not in ROLES:
         raise ValueError(f"unsupported role {role!r}; expected one of {sorted(ROLES)}")
     message: Message = {"role": role, "content": _text(raw.get("content"))}

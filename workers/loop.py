@@ -66,6 +66,11 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class StepInterrupted(Exception):
+    """Raised by a step that saw a stop request mid-way (e.g. while sampling): the step did not happen,
+    and it has put back whatever it consumed (the RNG state), so a checkpoint now is the previous step's."""
+
+
 class NonFiniteLoss(ArithmeticError):
     def __init__(self, value: float) -> None:
         super().__init__(f"loss became {value}")
@@ -260,6 +265,15 @@ def run_training(
                               extra=extra_state.state_dict() if extra_state is not None else None)
         write_checkpoint(ctx, weights, at, {k: v for k, v in last.items() if k in checkpoint_metrics}, state)
 
+    def stop(reason: str | None) -> LoopResult | None:
+        if reason == "pause":
+            checkpoint(step)
+            return LoopResult("paused", step, tokens, last)
+        if reason is not None:
+            reporter.event("Training stopped: the job was cancelled", level="warn")
+            return LoopResult("cancelled", step, tokens, last)
+        return None
+
     if ctx.resume_from is not None:
         _, key = ctx.resume_from
         state = load_resume_point(ctx.store, key, weights, optim.optimizer, optim.scheduler, ctx.workdir)
@@ -277,19 +291,19 @@ def run_training(
             done += 1
             if done <= step:
                 continue  # trained before the resume
-            reason = reporter.stop_reason()
-            if reason == "pause":
-                checkpoint(step)
-                return LoopResult("paused", step, tokens, last)
-            if reason is not None:
-                reporter.event("Training stopped: the job was cancelled", level="warn")
-                return LoopResult("cancelled", step, tokens, last)
+            stopped = stop(reporter.stop_reason())
+            if stopped is not None:
+                return stopped
             began = time.perf_counter()
             group = list(batches[start:start + per_step])
             try:
                 metrics, step_tokens = step_fn(group)
             except NonFiniteLoss as exc:
                 raise JobFailure("nan_loss", f"loss became {exc.value} at step {step + 1}") from None
+            except StepInterrupted:
+                stopped = stop(reporter.stop_reason() or "cancel")
+                assert stopped is not None
+                return stopped
             step += 1
             tokens += step_tokens
             metrics["num_tokens"] = float(tokens)

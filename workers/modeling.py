@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -184,13 +185,21 @@ def saved_lora_as_causal(adapter_dir: Path) -> LoraConfig:
     return replace(saved, task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)
 
 
+def wrap_lora(model: PreTrainedModel, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """``get_peft_model``, without the FutureWarning peft 0.21 triggers in transformers 5 by asking for
+    ``is_gradient_checkpointing`` (peft's call, nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config, adapter_name=adapter_name)  # type: ignore[return-value]
+
+
 def apply_training_type(model: PreTrainedModel, training_type: TrainingType, seed: int,
                         task_type: TaskType = "CAUSAL_LM", adapter_name: str = "default") -> nn.Module:
     """LoRA adapters (``SEQ_CLS``: peft also trains and saves the score head) or every weight trainable."""
     if isinstance(training_type, LoraTraining):
         config = lora_config(training_type, model, task_type)
         torch.manual_seed(seed)
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        return wrap_lora(model, config, adapter_name)
     model.requires_grad_(True)
     return model
 

@@ -55,26 +55,10 @@ def _check_hyperparameters(hp: ReinforcementHyperparameters, spec: JobCreate) ->
     if hp.epsilon_high is not None and hp.epsilon_high < hp.epsilon:
         raise APIError(400, f"epsilon_high ({hp.epsilon_high}) must be at least epsilon ({hp.epsilon})",
                        code="invalid_request", param=f"{HP_PARAM}.epsilon_high")
-    full = not isinstance(spec.training_type, LoraTraining)
-    if full and hp.algorithm == "ppo":
-        raise APIError(400, "algorithm 'ppo' trains LoRA adapters (policy and value share one frozen base); "
+    if not isinstance(spec.training_type, LoraTraining):
+        raise APIError(400, "reinforcement fine-tuning trains LoRA adapters (the policy, the KL reference with "
+                       "the adapters disabled and, for 'ppo', the value function share one frozen base); "
                        "training_type 'full' is not supported", code="invalid_request", param="training_type")
-    if full and hp.kl_coef > 0:
-        raise APIError(400, "kl_coef > 0 needs the reference model, which is the base with the LoRA adapters "
-                       "disabled; use training_type lora or kl_coef 0", code="invalid_request",
-                       param=f"{HP_PARAM}.kl_coef")
-
-
-def hyperparameter_notes(hp: ReinforcementHyperparameters) -> list[str]:
-    """Events for the OpenAI hyperparameters a local run accepts but cannot honour."""
-    notes: list[str] = []
-    if hp.reasoning_effort != "default":
-        notes.append(f"reasoning_effort '{hp.reasoning_effort}' has no effect: local models have no "
-                     "reasoning budget")
-    if hp.compute_multiplier != 1.0:
-        notes.append(f"compute_multiplier {hp.compute_multiplier} has no effect: set group_size (samples per "
-                     "prompt) or max_new_tokens to spend more compute")
-    return notes
 
 
 def check_item_fields(repo: OrgRepository, store: ObjectStore, settings: Settings, grader: Grader, file_id: str,

@@ -14,7 +14,7 @@ from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.jobs.chaining import validate_generate_preferences, validate_ppo
 from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
-from service.jobs.reinforcement import hyperparameter_notes, validate_reinforcement
+from service.jobs.reinforcement import validate_reinforcement
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, ReinforcementHyperparameters, to_builtins
 from service.limits import check_job_limits
 from service.model_registry import is_base_model
@@ -76,7 +76,7 @@ def create_job(repo: OrgRepository, settings: Settings, spec: JobCreate, store: 
                             **plan.resources}))
     hp = spec.method.hyperparameters()
     if isinstance(hp, ReinforcementHyperparameters):
-        for note in hyperparameter_notes(hp):
+        for note in hp.ignored_settings():
             repo.add(JobEvent(job_id=job.id, level="warn", message=note))
     job.status = "queued"
     job.enqueued_at = now()

@@ -154,6 +154,17 @@ class ReinforcementHyperparameters(CommonHyperparameters, kw_only=True):
     def effective_learning_rate(self) -> float:
         return self.learning_rate * float(self.learning_rate_multiplier)
 
+    def ignored_settings(self) -> list[str]:
+        """What to tell the user about OpenAI hyperparameters a local run accepts but cannot honour."""
+        notes: list[str] = []
+        if self.reasoning_effort != "default":
+            notes.append(f"reasoning_effort '{self.reasoning_effort}' has no effect: local models have no "
+                         "reasoning budget")
+        if self.compute_multiplier != 1.0:
+            notes.append(f"compute_multiplier {self.compute_multiplier} has no effect: set group_size (samples "
+                         "per prompt) or max_new_tokens to spend more compute")
+        return notes
+
 
 class SupervisedMethod(Struct, forbid_unknown_fields=True):
     hyperparameters: SupervisedHyperparameters = msgspec.field(default_factory=SupervisedHyperparameters)

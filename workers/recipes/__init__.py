@@ -26,6 +26,7 @@ RECIPES: dict[str, str] = {
     "supervised": "workers.recipes.sft:SFTRecipe",
     "reward_model": "workers.recipes.reward_model:RewardModelRecipe",
     "ppo": "workers.recipes.rl.ppo:PPORecipe",
+    "reinforcement": "workers.recipes.rl.reinforcement:ReinforcementRecipe",
     "generate_preferences": "workers.recipes.generate_preferences:GeneratePreferencesRecipe",
 }
 

@@ -1,4 +1,8 @@
-"""PPO for RLHF as small pure functions of tensors (no model code), each with known-answer tests.
+"""Online RL as small pure functions of tensors (no model code), each with known-answer tests: PPO's
+(GAE, clipped policy and value losses, KL estimators and controllers) and the critic-free methods'
+(GRPO's group-relative advantages and its ``grpo`` / ``dr_grpo`` / ``dapo`` normalisations, RLOO's
+leave-one-out baseline and sequence-level loss), the latter as in TRL 1.16's ``GRPOTrainer`` and
+``RLOOTrainer`` (``test_ppo_core.py`` and ``test_group_core.py`` check them on the same tensors).
 
 Shapes: a rollout is ``B`` responses of up to ``T`` tokens; per-token tensors are ``[B, T]`` and
 ``mask`` (bool or 0/1) marks real response tokens — everything up to and including the first EOS.
@@ -25,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "AdaptiveKLController",
+    "GroupLoss",
     "FixedKLController",
     "NanGuard",
     "PolicyLoss",
@@ -34,6 +39,9 @@ __all__ = [
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "group_advantages",
+    "group_loss",
+    "nanstd",
     "kl_estimate",
     "kl_k1",
     "kl_k3",
@@ -45,6 +53,9 @@ __all__ = [
     "policy_loss",
     "response_mask",
     "reward_hacking",
+    "rloo_advantages",
+    "rloo_loss",
+    "sequence_kl",
     "value_loss",
 ]
 
@@ -308,3 +319,108 @@ def reward_hacking(scores: Sequence[float], kls: Sequence[float], kl_bound: floa
     score_then, score_now = scores[-window - 1], scores[-1]
     kl_then, kl_now = kls[-window - 1], kls[-1]
     return score_now > score_then and kl_now > kl_bound and kl_now - kl_then > 0.5 * kl_bound
+
+
+# --------------------------------------------------------------------------- critic-free: GRPO and RLOO
+
+
+def nanstd(values: Tensor, dim: int | None = None) -> Tensor:
+    """Bessel-corrected standard deviation ignoring NaNs (NaN for fewer than two values), as TRL's."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(values)).sum(dim=dim, keepdim=True)
+    variance = variance * torch.where(count > 1, count / (count - 1), torch.full_like(variance, math.nan))
+    std = variance.sqrt()
+    return std.squeeze() if dim is None else std.squeeze(dim)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> tuple[Tensor, Tensor]:
+    """GRPO: ``(r - mean of its group) / (std + 1e-4)``; rows ``b*G .. b*G+G-1`` are prompt ``b``'s group.
+
+    ``scale`` "group" divides by the group's std, "batch" by the whole batch's, "none" not at all.
+    Returns (advantages, the std each row was judged by — zero marks a group with no signal). A NaN
+    reward (an unscorable sample) is left out of its group's statistics and gets advantage 0.
+    """
+    grouped = rewards.view(-1, group_size)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
+    if scale == "batch":
+        std = nanstd(rewards).expand_as(rewards)
+    else:
+        std = nanstd(grouped, dim=1).repeat_interleave(group_size)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), torch.nan_to_num(std, nan=0.0)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int, normalize: bool = False) -> Tensor:
+    """RLOO: each reward minus the mean of its group's *other* rewards (optionally normalised over the batch)."""
+    grouped = rewards.view(-1, group_size)
+    scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    baseline = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (scorable - 1)
+    advantages = rewards - baseline.view(-1)
+    if normalize:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+class GroupLoss(NamedTuple):
+    loss: Tensor       # this micro-batch's share of the step's loss (sum the shares over micro-batches)
+    kl: Tensor         # masked mean of the per-token KL (0 without a reference)
+    clip_low: Tensor   # share of tokens clipped below (ratio < 1 - epsilon, advantage < 0)
+    clip_high: Tensor  # share clipped above (ratio > 1 + epsilon_high, advantage > 0)
+    tokens: Tensor     # tokens in the micro-batch's mask
+
+
+def group_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float,
+               epsilon_high: float, loss_type: str, total_sequences: int, total_tokens: int,
+               max_completion_length: int, beta: float = 0.0, ref_logps: Tensor | None = None) -> GroupLoss:
+    """GRPO's clipped surrogate per token plus ``beta`` x k3 KL, normalised as ``loss_type`` says over the
+    *whole step's* batch (``total_sequences`` completions holding ``total_tokens`` tokens):
+
+    - ``grpo``: mean over sequences of each sequence's token mean (DeepSeekMath);
+    - ``dr_grpo``: token sum / (sequences x ``max_completion_length``) (Dr. GRPO: no length bias);
+    - ``dapo``: token sum / tokens (DAPO: every token weighs the same).
+
+    Each micro-batch returns its share, so the step's loss is the sum over micro-batches whatever the split.
+    """
+    keep = _keep(mask)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(per_token)
+    if beta != 0.0 and ref_logps is not None:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    summed = masked_sum(per_token, keep, dim=1)
+    if loss_type == "grpo":
+        loss = (summed / keep.sum(dim=1).clamp(min=1)).sum() / total_sequences
+    elif loss_type == "dr_grpo":
+        loss = summed.sum() / (total_sequences * max_completion_length)
+    elif loss_type == "dapo":
+        loss = summed.sum() / max(total_tokens, 1)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    low = (ratio < 1 - epsilon) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return GroupLoss(loss, masked_mean(kl, keep).detach(), masked_mean(low.float(), keep).detach(),
+                     masked_mean(high.float(), keep).detach(), keep.sum())
+
+
+def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float,
+              epsilon_high: float, total_sequences: int) -> GroupLoss:
+    """RLOO's sequence-level clipped surrogate (TRL's ``RLOOTrainer``): the ratio of whole-sequence
+    probabilities, one term per completion, averaged over the step's completions."""
+    keep = _keep(mask)
+    ratio = torch.exp(masked_sum(logps, keep, dim=1) - masked_sum(old_logps, keep, dim=1))
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages).sum() / total_sequences
+    low = ((ratio < 1 - epsilon) & (advantages < 0)).float().mean()
+    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float().mean()
+    return GroupLoss(loss, torch.zeros(()), low.detach(), high.detach(), keep.sum())
+
+
+def sequence_kl(logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
+    """RLOO's per-sequence KL for the reward penalty: the k1 log-ratio summed over the completion."""
+    return masked_sum(logps - ref_logps, mask, dim=1)

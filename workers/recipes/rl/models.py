@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from service.jobs.spec import LoraTraining
 from workers.batching import position_ids
-from workers.modeling import causal_lm_of, lora_config, saved_lora_as_causal
+from workers.modeling import causal_lm_of, lora_config, saved_lora_as_causal, wrap_lora
 
 POLICY, VALUE, REWARD = "policy", "value", "reward"
 HEAD_KEYS = ("score", "classifier")
@@ -45,7 +45,7 @@ class SharedBase(nn.Module):
         super().__init__()
         config = lora_config(lora, base)
         torch.manual_seed(seed)
-        self.peft: PeftModel = get_peft_model(base, config, adapter_name=POLICY)
+        self.peft: PeftModel = wrap_lora(base, config, adapter_name=POLICY)
         self.policy_params = [p for n, p in self.peft.named_parameters() if f".{POLICY}." in n]
         self.value_params: list[nn.Parameter] = []
         self.value_head: nn.Linear | None = None

@@ -46,7 +46,6 @@ Assumptions
 from __future__ import annotations
 
 import math
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,6 @@ from typing import Any
 import torch
 
 from service.jobs.spec import LoraTraining, PpoHyperparameters
-from workers import data as D
 from workers.checkpoints import fetch_adapter
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import Optimization, make_optimizer, plan_steps, run_training
@@ -62,42 +60,15 @@ from workers.memory import PeakMeter, parameter_bytes, parameter_count
 from workers.modeling import disable_dropout, enable_activation_checkpointing, eos_token_ids, load_base
 from workers.recipes.common import release, start
 from workers.recipes.rl import core as P
-from workers.recipes.rl.engine import NAN_LIMIT, AdapterReward, PPOEngine, Prompt, Reward, SeparateReward
+from workers.recipes.rl.engine import NAN_LIMIT, AdapterReward, PPOEngine, Reward, SeparateReward
 from workers.recipes.rl.models import SharedBase, SharedBaseWeights
+from workers.recipes.rl.prompts import load_prompts, prompt_batches
 from workers.reward_scoring import load_reward_model_ref
 
 REWARD_MODEL_PARAM = "method.ppo.hyperparameters.reward_model"
 #: KL bound (nats per sequence) for the alarm when no ``target_kl`` is set.
 DEFAULT_KL_BOUND = 10.0
 CHECKPOINT_METRICS = ("loss", "objective/scores", "objective/kl", "objective/rlhf_reward", "learning_rate")
-
-
-def load_prompts(ctx: JobContext, rows: list[dict[str, Any]], param: str, tokenizer: Any, budget: int) -> list[Prompt]:
-    """A prompts file as :class:`Prompt` s, left-truncated to ``budget`` tokens (counted and reported)."""
-    out, truncated = [], 0
-    for row in rows:
-        messages = D.normalize_prompt(row)
-        ids = D.prompt_ids(messages, tokenizer, budget + 1)
-        truncated += int(len(ids) > budget)
-        out.append(Prompt(messages, ids[-budget:], row))
-    if not out:
-        code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
-        raise JobFailure(code, f"{param} holds no prompts", param)
-    if truncated:
-        ctx.reporter.event(f"{truncated} of {len(rows)} prompts in {param} were cut to their last {budget} "
-                           "tokens (max_length - max_new_tokens)", level="warn",
-                           data={"truncated": truncated, "file": param})
-    return out
-
-
-def prompt_batches(n_prompts: int, batch_size: int, n_epochs: int, seed: int) -> list[list[list[int]]]:
-    """Index batches of prompts per epoch, shuffled afresh every epoch from the job's seed."""
-    epochs = []
-    for epoch in range(n_epochs):
-        order = list(range(n_prompts))
-        random.Random(seed + epoch).shuffle(order)
-        epochs.append([order[i:i + batch_size] for i in range(0, n_prompts, batch_size)])
-    return epochs
 
 
 class _History:

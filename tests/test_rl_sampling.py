@@ -1,0 +1,103 @@
+"""Group sampling (``workers.recipes.rl.sampling``) on tiny-random-llama: the same tokens as transformers'
+``generate(num_return_sequences=G)`` under the same seed, for a fraction of the prompt work."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from service.settings import Settings
+from tests.conftest import MODEL_CACHE
+from workers.batching import left_pad
+from workers.data import prompt_ids
+from workers.modeling import eos_token_ids, load_causal_lm
+from workers.recipes.rl.sampling import sample_groups, top_p_filter
+
+TINY = "tiny-random-llama"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from workers.base_models import load_tokenizer, resolve_base_model
+
+    settings = replace(Settings.from_env(tmp_path_factory.mktemp("s")), model_cache_dir=MODEL_CACHE)
+    path = resolve_base_model(TINY, settings)
+    return load_causal_lm(Path(path)).eval(), load_tokenizer(path)
+
+
+def prompts(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [prompt_ids([{"role": "user", "content": q}], tokenizer, 64)
+            for q in ("What is 2 plus 2?", "Hi", "Name a colour, please.")]
+    return left_pad(rows, tokenizer.pad_token_id)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.8
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_group_samples_equal_generate_with_return_sequences(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+                                                            top_p: float) -> None:
+    model, tokenizer = tiny
+    queries, mask = prompts(tokenizer)
+    eos = eos_token_ids(model, tokenizer)
+    group, new = 4, 12
+    torch.manual_seed(3)
+    ours = sample_groups(model, queries, mask, group_size=group, max_new_tokens=new, temperature=0.8, top_p=top_p,
+                         eos_ids=eos, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=0, top_p=top_p, max_new_tokens=new,
+                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, num_return_sequences=group,
+                              use_cache=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model.generate(input_ids=queries, attention_mask=mask, generation_config=config)
+    theirs = out[:, queries.shape[1]:]
+    assert ours.responses.shape[0] == 3 * group
+    width = min(ours.responses.shape[1], theirs.shape[1])
+    assert torch.equal(ours.responses[:, :width], theirs[:, :width])
+    assert bool((ours.responses[:, width:] == tokenizer.pad_token_id).all())
+    assert bool((theirs[:, width:] == tokenizer.pad_token_id).all())
+    lengths = ours.mask.sum(dim=1)
+    assert bool((lengths >= 1).all()) and bool((lengths <= new).all())
+    # a row that stopped ends in an end-of-turn token and nothing real after it
+    for row, n, stopped in zip(ours.responses, lengths.tolist(), ours.has_eos.tolist(), strict=True):
+        assert (int(row[n - 1]) in eos) == stopped
+
+
+def test_each_prompt_runs_through_the_model_once(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """The prefill sees B rows of P tokens, not B*G; every later forward is one token per row."""
+    model, tokenizer = tiny
+    queries, mask = prompts(tokenizer)
+    shapes: list[tuple[int, int]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        torch.manual_seed(0)
+        samples = sample_groups(model, queries, mask, group_size=8, max_new_tokens=5, temperature=1.0, top_p=1.0,
+                                eos_ids=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    assert shapes[0] == tuple(queries.shape)  # (3, P): once per prompt
+    assert all(shape == (24, 1) for shape in shapes[1:])
+    assert len(shapes) == samples.responses.shape[1]  # stops after the last token it needs
+
+
+def test_should_stop_ends_sampling_early(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, tokenizer = tiny
+    queries, mask = prompts(tokenizer)
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    samples = sample_groups(model, queries, mask, group_size=2, max_new_tokens=50, temperature=1.0, top_p=1.0,
+                            eos_ids=[-1], pad_token_id=tokenizer.pad_token_id, should_stop=stop)
+    assert samples.stopped and samples.responses.shape[1] == 2
