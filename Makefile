@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install chromium demo test test-fast openapi bench-dpo lint clean
+.PHONY: install chromium demo test test-fast openapi bench-dpo bench-grpo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ openapi: install
 
 bench-dpo: install
 	$(BIN)/python bench/dpo_vs_trl.py
+
+bench-grpo: install
+	$(BIN)/python bench/grpo_vs_trl.py
 
 lint: install
 	$(BIN)/ruff check service workers tests bench

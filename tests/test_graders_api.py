@@ -189,20 +189,58 @@ def test_a_python_grader_cannot_reach_the_server_or_its_data(client: openai.Open
     assert plain.reward == 1.0
 
 
-def test_reinforcement_jobs_through_the_sdk(client: openai.OpenAI) -> None:
+def test_reinforcement_job_end_to_end_through_the_sdk(client: openai.OpenAI, tmp_path: Path) -> None:
+    """The unmodified SDK: upload RFT lines, create a reinforcement job, poll it to the end, read its
+    events, metrics and checkpoints, and download a fine-tuned adapter that peft loads."""
+    import io
+    import tarfile
+
     rows = [{"messages": [{"role": "user", "content": f"What is {n} + 1?"}], "answer": str(n + 1)} for n in range(6)]
     uploaded = client.files.create(file=("rft.jsonl", jsonl(rows)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="tiny-random-llama", training_file=uploaded.id, method={
-        "type": "reinforcement",
-        "reinforcement": {"grader": STRING_CHECK, "hyperparameters": {"n_epochs": "auto", "batch_size": 2,
-                                                                      "eval_interval": "auto"}}})
-    try:
-        assert job.status == "queued" and job.method.type == "reinforcement"
-        assert job.method.reinforcement is not None and job.method.reinforcement.grader.type == "string_check"
-        hp = job.method.reinforcement.hyperparameters
-        assert hp is not None and (hp.n_epochs, hp.batch_size) == (1, 2)
-    finally:
-        client.fine_tuning.jobs.cancel(job.id)  # no reinforcement recipe in this branch's workers yet
+    validation = client.files.create(file=("rft-val.jsonl", jsonl(rows[:2])), purpose="fine-tune")
+    # a reward with a spread even for random text (the share of characters that are vowels), so groups
+    # carry a signal and the adapter moves
+    digits = {"type": "python", "name": "close", "source": (
+        "def grade(sample, item):\n"
+        "    text = sample['output_text']\n"
+        "    return sum(c in 'aeiou' for c in text.lower()) / max(len(text), 1)\n")}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-random-llama", training_file=uploaded.id, validation_file=validation.id, suffix="rft",
+        method={"type": "reinforcement", "reinforcement": {"grader": digits, "hyperparameters": {  # type: ignore[typeddict-item]
+            "n_epochs": "auto", "batch_size": 2, "eval_interval": 2, "eval_samples": 2,
+            "group_size": 2, "max_new_tokens": 4, "learning_rate_multiplier": 2.0}}})
+    assert job.status == "queued" and job.method.type == "reinforcement"
+    assert job.method.reinforcement is not None and job.method.reinforcement.grader.type == "python"
+    hp = job.method.reinforcement.hyperparameters
+    assert hp is not None and (hp.n_epochs, hp.batch_size) == (1, 2)
+    deadline = time.time() + 300
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, job
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith("ft:tiny-random-llama:") \
+        and job.fine_tuned_model.endswith(f":rft:{job.id}")
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any(m.startswith("Fine-tuning started: reinforcement (grpo, grader close") for m in messages)
+    assert any(m.startswith("Eval at step 2: reward=") for m in messages)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert [c.step_number for c in checkpoints.data] == [3]  # 6 prompts / 2 a step
+    metrics = client.get(f"/fine_tuning/jobs/{job.id}/metrics", cast_to=httpx.Response).json()["data"]
+    names = {p["name"] for p in metrics}
+    assert {"reward", "rewards/close/mean", "completions/clipped_ratio", "eval/reward"} <= names
+    rewards = [p["value"] for p in metrics if p["name"] == "reward"]
+    assert len(rewards) == 3 and all(0.0 <= r <= 1.0 for r in rewards)
+    archive = client.get(f"/fine_tuning/jobs/{job.id}/adapter", cast_to=httpx.Response).content
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "adapter", filter="data")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import MODEL_CACHE
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(MODEL_CACHE / "tiny-random-llama")),
+                                      str(tmp_path / "adapter"))
+    assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
     reads_missing = {**STRING_CHECK, "reference": "{{item.solution}}"}
     with pytest.raises(openai.BadRequestError) as info:
         client.fine_tuning.jobs.create(model="tiny-random-llama", training_file=uploaded.id, method={

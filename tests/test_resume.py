@@ -166,6 +166,63 @@ def test_ppo_sigkill_after_a_checkpoint_resumes_to_the_same_policy(env_and_api) 
         assert [round(p["value"], 5) for p in series[0]] == [round(p["value"], 5) for p in series[1]], metric
 
 
+RFT_STEPS = 6
+
+
+def test_reinforcement_sigkill_after_a_checkpoint_resumes_to_the_same_adapter(env_and_api) -> None:  # type: ignore[no-untyped-def]
+    """A GRPO job with a python grader (in its sandbox) killed with its worker after a checkpoint:
+    the reconciler re-queues it, another worker resumes it, and it ends as an uninterrupted run."""
+    import json
+
+    env, api, tmp = env_and_api
+    settings = make_settings(tmp / "data")
+    headers = api.key("acme")
+    get = lambda p: api.client.get(p, headers=headers)  # noqa: E731
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}], "answer": str(a + b)}
+            for a in range(4) for b in range(2)]
+    training = api.client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
+                               files={"file": ("rft.jsonl", "\n".join(json.dumps(r) for r in rows))}).json()["id"]
+    grader = {"type": "python", "name": "vowels", "source": (
+        "def grade(sample, item):\n"
+        "    text = sample['output_text']\n"
+        "    return sum(c in 'aeiou' for c in text.lower()) / max(len(text), 1)\n")}
+    body = {"model": "tiny-random-llama", "training_file": training, "seed": 3,
+            "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+                "batch_size": 2, "group_size": 4, "max_new_tokens": 5, "learning_rate": 1e-3, "n_epochs": 2,
+                "max_steps": RFT_STEPS, "checkpoint_every_steps": 2}}}}
+
+    def create() -> str:
+        r = api.client.post("/v1/fine_tuning/jobs", headers=headers, json=body)
+        assert r.status_code == 200, r.text
+        return str(r.json()["id"])
+
+    job = create()
+    with celery_worker(settings, env, tmp / "worker1.log") as worker:
+        deadline = time.time() + 180
+        while time.time() < deadline and not checkpoint_steps(api, headers, job):
+            time.sleep(0.05)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert get(f"/v1/fine_tuning/jobs/{job}").json()["progress"]["step"] < RFT_STEPS
+    time.sleep(2.5)
+    cfg = ReconcilerSettings(heartbeat_timeout=2.0, requeue_after=0, max_restarts=3)
+    assert reconcile_once(api.state, cfg)["recovered"] == 1
+    with celery_worker(settings, env, tmp / "worker2.log"):
+        done = wait_for_job(get, job, timeout=300)
+        assert done["status"] == "succeeded", (tmp / "worker2.log").read_text()[-3000:]
+        reference = create()
+        assert wait_for_job(get, reference, timeout=300)["status"] == "succeeded"
+    assert loss_steps(api, headers, job) == list(range(1, RFT_STEPS + 1))
+    assert checkpoint_steps(api, headers, job) == [2, 4, 6]
+    ours, theirs = adapter_tensors(api, headers, job), adapter_tensors(api, headers, reference)
+    assert ours.keys() == theirs.keys() and any(float(t.abs().max()) > 0 for k, t in ours.items() if "lora_B" in k)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=name)
+    series = [[round(p["value"], 5) for p in get(f"/v1/fine_tuning/jobs/{j}/metrics?name=reward").json()["data"]]
+              for j in (job, reference)]
+    assert series[0] == series[1] and len(series[0]) == RFT_STEPS
+
+
 def test_pause_checkpoints_and_resume_continues(env_and_api) -> None:  # type: ignore[no-untyped-def]
     env, api, tmp = env_and_api
     settings = make_settings(tmp / "data")

@@ -2,8 +2,9 @@
 
 No database and no object store: the recipes and ``bench/`` run exactly this code. One step is
 
-1. **sample** (:meth:`PPOEngine.rollout`): KV-cached sampling with the policy adapter (``temperature``,
-   ``max_new_tokens``; pure sampling), truncation after the first end-of-turn token;
+1. **sample** (:meth:`PPOEngine.rollout`, :mod:`~workers.recipes.rl.sampling`): KV-cached sampling with the
+   policy adapter (``temperature``, ``max_new_tokens``; pure sampling), each response stopped at its
+   first end-of-turn token, a stop request polled between tokens;
 2. **score** the rollout without gradients: the sampling policy's log-probs (and entropy), the
    reference's (adapters disabled), the values (value adapter) and the rewards (a :class:`Reward`:
    the reward adapter on the shared base, a separately loaded reward model, or — for reinforcement
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from service.jobs.spec import PpoHyperparameters
 from workers.batching import left_pad
@@ -41,6 +42,7 @@ from workers.loop import Optimization, backward
 from workers.losses import selective_log_softmax
 from workers.recipes.rl import core as P
 from workers.recipes.rl.models import POLICY, REWARD, VALUE, SharedBase
+from workers.recipes.rl.sampling import Interrupted, sample_groups
 
 Messages = list[dict[str, Any]]
 NAN_LIMIT = 3
@@ -176,14 +178,12 @@ class PPOEngine:
 
     def __init__(self, models: SharedBase, tokenizer: PreTrainedTokenizerBase, hp: PpoHyperparameters, *,
                  accelerator: Accelerator, optim: Optimization, eos_ids: list[int], reward: Reward, seed: int,
-                 on_nan: Callable[[float, int, int], None] | None = None) -> None:
+                 on_nan: Callable[[float, int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.models, self.tokenizer, self.hp = models, tokenizer, hp
         self.accelerator, self.device, self.optim = accelerator, accelerator.device, optim
-        self.eos_ids, self.reward, self.on_nan = eos_ids, reward, on_nan
+        self.eos_ids, self.reward, self.on_nan, self.should_stop = eos_ids, reward, on_nan, should_stop
         self.estimate = GAE(hp)
-        self.generation_config = GenerationConfig(
-            do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, max_new_tokens=hp.max_new_tokens,
-            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         self.kl_ctl: P.FixedKLController | P.AdaptiveKLController = (
             P.AdaptiveKLController(hp.kl_coef, hp.target_kl, KL_HORIZON) if hp.target_kl else
             P.FixedKLController(hp.kl_coef))
@@ -209,20 +209,21 @@ class PPOEngine:
 
     # rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, batch: Sequence[Prompt]) -> tuple[Rollout, dict[str, float]]:
+    def rollout(self, batch: Sequence[Prompt],
+                stop: Callable[[], bool] | None = None) -> tuple[Rollout, dict[str, float]]:
+        """Sample one response per prompt (``stop`` polled between tokens: ``Interrupted``), then score it."""
         models = self.models
         models.eval()
         queries, query_mask = left_pad([p.ids for p in batch], self.tokenizer.pad_token_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         began = time.perf_counter()
-        with self.accelerator.autocast():
-            out = models.peft.generate(input_ids=queries, attention_mask=query_mask,
-                                       generation_config=self.generation_config)
-        responses = out[:, queries.shape[1]:]
-        if responses.shape[1] == 0:
-            raise JobFailure("training_error", "generation produced no tokens")
-        mask, has_eos = P.response_mask(responses, self.eos_ids)
-        responses = responses.masked_fill(~mask, self.tokenizer.pad_token_id)
+        with models.using(POLICY), self.accelerator.autocast():
+            samples = sample_groups(models.peft, queries, query_mask, group_size=1,
+                                    max_new_tokens=self.hp.max_new_tokens, temperature=self.hp.temperature, top_p=1.0,
+                                    eos_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, should_stop=stop)
+        if samples.stopped:
+            raise Interrupted()
+        responses, mask, has_eos = samples.responses, samples.mask, samples.has_eos
         generated = time.perf_counter()
         r = Rollout(queries, query_mask, responses, mask, has_eos, list(batch))
         parts: dict[str, list[Tensor]] = {k: [] for k in ("logps", "entropy", "ref", "values", "scores")}
@@ -354,7 +355,7 @@ class PPOEngine:
 
     def step(self, batch: Sequence[Prompt], step: int) -> tuple[Rollout, dict[str, float]]:
         """One PPO step: rollout, advantages, updates, and the KL controller's update after them."""
-        r, timing = self.rollout(batch)
+        r, timing = self.rollout(batch, stop=self.should_stop)
         adv = self.advantages(r)
         metrics = self.rollout_metrics(r, adv)
         began = time.perf_counter()

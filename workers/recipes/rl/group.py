@@ -44,11 +44,7 @@ from workers.recipes.rl import core as P
 from workers.recipes.rl.engine import Prompt, response_logps
 from workers.recipes.rl.grading import GraderScorer, Grades, grade_metrics, merge
 from workers.recipes.rl.models import POLICY, SharedBase
-from workers.recipes.rl.sampling import sample_groups
-
-
-class Interrupted(Exception):
-    """A stop (cancel, pause, preemption) arrived while a step was sampling: the step is abandoned."""
+from workers.recipes.rl.sampling import Interrupted, sample_groups
 
 
 @dataclass

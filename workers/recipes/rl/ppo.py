@@ -53,9 +53,9 @@ from typing import Any
 import torch
 
 from service.jobs.spec import LoraTraining, PpoHyperparameters
-from workers.checkpoints import fetch_adapter
+from workers.checkpoints import capture_rng, fetch_adapter, restore_rng
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.loop import Optimization, make_optimizer, plan_steps, run_training
+from workers.loop import Optimization, StepInterrupted, make_optimizer, plan_steps, run_training
 from workers.memory import PeakMeter, parameter_bytes, parameter_count
 from workers.modeling import disable_dropout, enable_activation_checkpointing, eos_token_ids, load_base
 from workers.recipes.common import release, start
@@ -63,6 +63,7 @@ from workers.recipes.rl import core as P
 from workers.recipes.rl.engine import NAN_LIMIT, AdapterReward, PPOEngine, Reward, SeparateReward
 from workers.recipes.rl.models import SharedBase, SharedBaseWeights
 from workers.recipes.rl.prompts import load_prompts, prompt_batches
+from workers.recipes.rl.sampling import Interrupted
 from workers.reward_scoring import load_reward_model_ref
 
 REWARD_MODEL_PARAM = "method.ppo.hyperparameters.reward_model"
@@ -160,7 +161,8 @@ class PPORecipe:
         optimizer, scheduler = make_optimizer(params, hp, self.total_steps * PPOEngine.updates_per_step(hp))
         self.optim = Optimization(self.accelerator, optimizer, scheduler, params, hp.max_grad_norm)
         self.engine = PPOEngine(self.models, self.tokenizer, hp, accelerator=self.accelerator, optim=self.optim,
-                                eos_ids=eos_ids, reward=reward, seed=ctx.seed, on_nan=self._nan_event)
+                                eos_ids=eos_ids, reward=reward, seed=ctx.seed, on_nan=self._nan_event,
+                                should_stop=lambda: ctx.reporter.stop_reason() is not None)
 
     def _nan_event(self, loss: float, step: int, count: int) -> None:
         self.ctx.reporter.event(f"Non-finite loss ({loss}) at step {step}: that update was skipped "
@@ -200,7 +202,12 @@ class PPORecipe:
     # train ---------------------------------------------------------------------------------------
     def _step(self, group: list[list[int]]) -> tuple[dict[str, float], int]:
         step = len(self.history.scores) + 1
-        r, metrics = self.engine.step([self.prompts[i] for i in group[0]], step)
+        state = capture_rng()
+        try:
+            r, metrics = self.engine.step([self.prompts[i] for i in group[0]], step)
+        except Interrupted:
+            restore_rng(state)
+            raise StepInterrupted() from None
         self.history.episodes += len(r)
         metrics["episode"] = float(self.history.episodes)
         self.history.scores.append(metrics["objective/scores"])

@@ -46,9 +46,10 @@ from workers.modeling import disable_dropout, enable_activation_checkpointing, e
 from workers.recipes.common import release, start
 from workers.recipes.rl.engine import NAN_LIMIT, PPOEngine, Prompt
 from workers.recipes.rl.grading import GraderReward, GraderScorer, grade_metrics, merge
-from workers.recipes.rl.group import GroupEngine, Interrupted
+from workers.recipes.rl.group import GroupEngine
 from workers.recipes.rl.models import SharedBase, SharedBaseWeights
 from workers.recipes.rl.prompts import load_prompts, prompt_batches
+from workers.recipes.rl.sampling import Interrupted
 
 PARAM = "method.reinforcement.hyperparameters"
 CHECKPOINT_METRICS = ("loss", "reward", "kl", "learning_rate")
@@ -136,7 +137,7 @@ class ReinforcementRecipe:
             self.reward = GraderReward(self.scorer, self.tokenizer)
             self.ppo = PPOEngine(self.models, self.tokenizer, self.ppo_hp, accelerator=self.accelerator,
                                  optim=self.optim, eos_ids=eos_ids, reward=self.reward, seed=ctx.seed,
-                                 on_nan=self._nan_event)
+                                 on_nan=self._nan_event, should_stop=self._stop_asked)
         else:
             lr = msgspec.structs.replace(hp, learning_rate=hp.effective_learning_rate)
             optimizer, scheduler = make_optimizer(params, lr, self.total_steps * GroupEngine.updates_per_step(hp))

@@ -24,6 +24,10 @@ from torch import Tensor, nn
 from workers.batching import position_ids
 
 
+class Interrupted(Exception):
+    """A stop (cancel, pause, preemption) arrived while a step was sampling: the step is abandoned."""
+
+
 @dataclass
 class Samples:
     """``B·G`` rows, prompt ``b``'s samples at rows ``b·G .. b·G + G - 1``."""
