@@ -110,6 +110,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """``ALIGND_WORKER_SHUTDOWN_GRACE``: seconds within which a worker told to stop (SIGTERM) has
+    checkpointed its job, handed it back to the queue and exited (``workers/shutdown.py``). The k8s
+    worker Deployments' ``terminationGracePeriodSeconds`` equals it; ``alignd serve`` waits as long."""
+
+    shutdown_grace: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     database: DatabaseSettings
@@ -120,6 +129,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> Settings:
@@ -158,6 +168,7 @@ class Settings:
                 api_job_series=(_env("ALIGND_API_JOB_METRICS", "true") or "true").lower()
                 not in ("0", "false", "no", "off"),
             ),
+            worker=WorkerSettings(shutdown_grace=float(_env("ALIGND_WORKER_SHUTDOWN_GRACE", "300") or 300)),
         )
 
 

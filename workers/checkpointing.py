@@ -1,4 +1,9 @@
-"""Adapters and checkpoints as ``.tar.gz`` archives in the object store, keyed by job id and step."""
+"""Adapters and checkpoints as ``.tar.gz`` archives in the object store, keyed by job id, attempt and step.
+
+The claim's attempt number is part of every key: a worker that lost its job (cut off, frozen, then
+woken) may still finish an upload before its next fenced database write is refused, and under its
+own attempt's prefix that upload can never replace an object the current attempt's rows point to.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ from pathlib import Path
 from service.storage import ObjectStore
 
 
-def checkpoint_key(job_id: str, step: int) -> str:
-    return f"jobs/{job_id}/step_{step}/adapter.tar.gz"
+def checkpoint_key(job_id: str, step: int, *, attempt: int) -> str:
+    return f"jobs/{job_id}/attempt_{attempt}/step_{step}/adapter.tar.gz"
 
 
-def final_adapter_key(job_id: str) -> str:
-    return f"jobs/{job_id}/adapter.tar.gz"
+def final_adapter_key(job_id: str, *, attempt: int) -> str:
+    return f"jobs/{job_id}/attempt_{attempt}/adapter.tar.gz"
 
 
 def archive_dir(directory: Path, archive: Path) -> Path:

@@ -45,6 +45,9 @@ class JobContext:
     workdir: Path
     # (step, storage key) of the checkpoint to resume from; set by the task when one exists
     resume_from: tuple[int, str] | None = None
+    # the claim's attempt number: object keys carry it, so a fenced-out worker never overwrites the
+    # checkpoints or the adapter of the attempt that replaced it
+    attempt: int = 0
     # set by the training loop while it writes a checkpoint, so the archive carries the whole state
     training_state: dict[str, Any] | None = None
 
@@ -60,7 +63,7 @@ class JobContext:
 
 @dataclass
 class TrainResult:
-    status: str  # "succeeded" | "cancelled" | "paused"
+    status: str  # "succeeded" | "cancelled" | "paused" | "preempted" (checkpointed; the task re-queues it)
     trained_tokens: int
     final_metrics: dict[str, float]
     adapter_key: str | None = None

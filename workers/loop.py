@@ -51,7 +51,7 @@ StepFn = Callable[[list[list[int]]], tuple[dict[str, float], int]]
 
 @dataclass
 class LoopResult:
-    status: str  # "succeeded" | "cancelled" | "paused"
+    status: str  # "succeeded" | "cancelled" | "paused" | "preempted"
     step: int
     tokens: int
     metrics: dict[str, float]
@@ -156,9 +156,9 @@ def run_training(
             if done <= step:
                 continue  # trained before the resume
             reason = reporter.stop_reason()
-            if reason == "pause":
+            if reason in ("pause", "preempt"):  # preempt: the worker is shutting down; the task re-queues
                 checkpoint(step)
-                return LoopResult("paused", step, tokens, last)
+                return LoopResult("paused" if reason == "pause" else "preempted", step, tokens, last)
             if reason is not None:
                 reporter.event("Training stopped: the job was cancelled", level="warn")
                 return LoopResult("cancelled", step, tokens, last)

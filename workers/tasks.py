@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.db.engine import make_engine, make_session_factory, session_scope
-from service.db.repositories import JobRunRepository
+from service.db.repositories import JobLost, JobRunRepository
 from service.jobs.spec import method_from_row, training_type_from_row
 from service.queue import TRAIN_TASK
 from service.settings import Settings
@@ -89,6 +89,7 @@ def _context(state: AppState, job_id: str, reporter: Reporter, workdir: Path) ->
             training_type=training_type_from_row(job.training_type), seed=job.seed, suffix=job.suffix,
             training_file_key=repo.file(job.training_file).storage_key, validation_file_key=validation_key,
             settings=state.settings, store=state.store, reporter=reporter, workdir=workdir,
+            attempt=reporter.attempt or 0,
         )
 
 
@@ -130,7 +131,7 @@ def _fail(reporter: Reporter, state: AppState, job_id: str, error: dict[str, Any
     if not reporter.is_main:  # under accelerate launch, rank 0 records the end state
         return
     with session_scope(state.sessions) as session:
-        JobRunRepository(session, job_id).finish("failed", error=error)
+        JobRunRepository(session, job_id, reporter.attempt).finish("failed", error=error)
 
 
 def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
@@ -141,17 +142,25 @@ def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
     state = worker_state(settings)
     with session_scope(state.sessions) as session:
         repo = JobRunRepository(session, job_id)
-        if not repo.claim(worker):
+        attempt = repo.claim(worker)
+        if attempt is None:
             log.info("job %s is not queued any more; nothing to do", job_id)
             return "skipped"
         resources = dict(repo.job().resources or {})
-    reporter = Reporter(state.sessions, job_id)
-    with Heartbeat(reporter):
-        if int(resources.get("gpus") or 1) > 1:
-            from workers.launch import supervise
+    reporter = Reporter(state.sessions, job_id, attempt)
+    try:
+        with Heartbeat(reporter):
+            if int(resources.get("gpus") or 1) > 1:
+                from workers.launch import supervise
 
-            return supervise(state, job_id, reporter, resources)
-        return _run_claimed(state, job_id, reporter)
+                return supervise(state, job_id, reporter, resources)
+            return _run_claimed(state, job_id, reporter)
+    except JobLost:
+        # Fenced out: the reconciler handed the job to another worker while this one was cut off or
+        # frozen. Its training has stopped; it writes nothing more and leaves the job to the new owner.
+        log.warning("job %s: this worker lost the job (attempt %d was superseded); stopped its training "
+                    "and left it to the worker that owns it now", job_id, attempt)
+        return "lost"
 
 
 def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
@@ -162,9 +171,13 @@ def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
         recipe = recipe_for(ctx.method.type, ctx)
         recipe.setup()
         result = recipe.train()
+        if result.status == "preempted" and reporter.is_main:
+            from workers.shutdown import hand_back
+
+            return hand_back(state, reporter)
         if result.status == "paused" and reporter.is_main:
             with session_scope(state.sessions) as session:
-                repo = JobRunRepository(session, job_id)
+                repo = JobRunRepository(session, job_id, reporter.attempt)
                 repo.mark_paused()
                 step = repo.job().step
             reporter.event(f"Job paused at step {step}; resume continues from this checkpoint",
@@ -179,9 +192,11 @@ def _run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
                 reporter.event(f"Result file created: {files[0]}", data={"result_files": files})
             reporter.event("The job has successfully completed", data=result.summary)
             with session_scope(state.sessions) as session:
-                JobRunRepository(session, job_id).finish("succeeded", fine_tuned_model=name,
-                                                         adapter_key=result.adapter_key, result_files=files)
+                JobRunRepository(session, job_id, reporter.attempt).finish(
+                    "succeeded", fine_tuned_model=name, adapter_key=result.adapter_key, result_files=files)
         return result.status
+    except JobLost:
+        raise  # the task boundary (run_job) logs it; nothing may be written for a job this worker lost
     except JobFailure as failure:
         _fail(reporter, state, job_id, failure.as_error())
         return "failed"

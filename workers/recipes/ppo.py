@@ -667,9 +667,9 @@ class PPORecipe:
             if step >= self.total_steps:
                 break
             reason = reporter.stop_reason()
-            if reason == "pause":
+            if reason in ("pause", "preempt"):  # preempt: the worker is shutting down; the task re-queues
                 self.save_checkpoint(step, last)
-                return TrainResult("paused", tokens, last, step=step)
+                return TrainResult("paused" if reason == "pause" else "preempted", tokens, last, step=step)
             if reason is not None:
                 reporter.event("Training stopped: the job was cancelled", level="warn")
                 return TrainResult("cancelled", tokens, last)
@@ -701,7 +701,7 @@ class PPORecipe:
         if self.eval_prompts and not (hp.eval_every_steps and step % hp.eval_every_steps == 0):
             self.evaluate(step)  # unless the loop just did
         self.save_checkpoint(step, last)
-        key = self._save_policy(final_adapter_key(ctx.job_id))
+        key = self._save_policy(final_adapter_key(ctx.job_id, attempt=ctx.attempt))
         memory = self.memory_report()
         mib = 2**20
         reporter.event(f"Memory: peak {memory['peak_bytes'] / mib:.0f} MiB ({memory['measured']}) = "
@@ -765,7 +765,7 @@ class PPORecipe:
         return key
 
     def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
-        key = self._save_policy(checkpoint_key(self.ctx.job_id, step))
+        key = self._save_policy(checkpoint_key(self.ctx.job_id, step, attempt=self.ctx.attempt))
         self.ctx.reporter.checkpoint(step, {k: v for k, v in metrics.items() if k in CHECKPOINT_METRICS}, key)
 
     def memory_report(self) -> dict[str, Any]:

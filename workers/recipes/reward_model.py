@@ -238,7 +238,8 @@ class RewardModelRecipe:
                               evaluate=self.evaluate if self.eval_pairs else None)
         if result.status != "succeeded":
             return TrainResult(result.status, result.tokens, result.metrics)
-        key = save_model_archive(ctx, self._model(), self.tokenizer, final_adapter_key(ctx.job_id))
+        key = save_model_archive(ctx, self._model(), self.tokenizer,
+                                 final_adapter_key(ctx.job_id, attempt=ctx.attempt))
         return TrainResult("succeeded", result.tokens, result.metrics, adapter_key=key,
                            summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
@@ -270,7 +271,7 @@ class RewardModelRecipe:
         return self.accelerator.unwrap_model(self.scorer).model  # type: ignore[no-any-return]
 
     def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
-        key = checkpoint_key(self.ctx.job_id, step)
+        key = checkpoint_key(self.ctx.job_id, step, attempt=self.ctx.attempt)
         save_model_archive(self.ctx, self._model(), self.tokenizer, key)
         self.ctx.reporter.checkpoint(step, {k: v for k, v in metrics.items() if k in CHECKPOINT_METRICS}, key)
 

@@ -140,7 +140,7 @@ class SFTRecipe:
         if result.status != "succeeded":
             return TrainResult(result.status, result.tokens, result.metrics)
         key = save_model_archive(ctx, self.accelerator.unwrap_model(self.policy).model, self.tokenizer,
-                                 final_adapter_key(ctx.job_id))
+                                 final_adapter_key(ctx.job_id, attempt=ctx.attempt))
         return TrainResult("succeeded", result.tokens, result.metrics, adapter_key=key,
                            summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
@@ -165,7 +165,8 @@ class SFTRecipe:
 
     def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         model = self.accelerator.unwrap_model(self.policy).model
-        key = save_model_archive(self.ctx, model, self.tokenizer, checkpoint_key(self.ctx.job_id, step))
+        key = save_model_archive(self.ctx, model, self.tokenizer,
+                                 checkpoint_key(self.ctx.job_id, step, attempt=self.ctx.attempt))
         self.ctx.reporter.checkpoint(step, {k: v for k, v in metrics.items() if k in CHECKPOINT_METRICS}, key)
 
     def cleanup(self) -> None:
