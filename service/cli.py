@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def worker_command(settings: Settings, concurrency: int = 1) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             "-Q", settings.placement.worker_queue, "--concurrency", str(concurrency), "--pool", "prefork",
             "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel", "INFO",
-            "-n", f"alignd-{os.getpid()}@%h"]
+            "-n", f"alignd-{os.getpid()}-{secrets.token_hex(3)}@%h"]  # unique: a shutdown hands back its own jobs
 
 
 def cmd_api(args: argparse.Namespace, *, with_worker: bool = False) -> int:

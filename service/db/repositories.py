@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Checkpoint, File, IdempotencyKey, Job, JobEvent, MetricPoint, Organization, new_id, now
@@ -127,6 +127,11 @@ class OrgRepository:
         self.session.flush()
 
 
+#: Seconds a fenced write transaction may sit idle (its process frozen) before PostgreSQL ends it.
+#: Those transactions only ever run a few statements back to back, so any real pause means trouble.
+FENCED_TRANSACTION_TIMEOUT = 30.0
+
+
 class JobLost(Exception):
     """This worker's attempt no longer owns the job: the reconciler or another worker's claim took it.
 
@@ -158,6 +163,11 @@ class JobRunRepository:
     def _fence(self) -> None:
         if self.attempt is None:
             return
+        if self.session.get_bind().dialect.name == "postgresql":
+            # A worker frozen inside this transaction would hold the job row's lock for ever and keep
+            # the reconciler from handing the job over: PostgreSQL ends such a session instead.
+            self.session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = "
+                                      f"{int(FENCED_TRANSACTION_TIMEOUT * 1000)}"))
         result = self.session.execute(update(Job).where(Job.id == self.job_id, Job.attempt == self.attempt)
                                       .values(attempt=Job.attempt))
         if (result.rowcount or 0) != 1:  # type: ignore[attr-defined]
