@@ -13,18 +13,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from service.db.engine import session_scope
 from service.db.models import Checkpoint, Job
 from service.reconciler import ReconcilerSettings, reconcile_once
-from service.settings import Settings
-from tests.conftest import PREFERENCE_ROWS, Api, _api, jsonl
-from tests.processes import celery_worker, production_env, wait_for_job
+from tests.conftest import PREFERENCE_ROWS, Api, jsonl
+from tests.processes import celery_worker, wait_for_job
 
 STEPS = 24
 BODY = {"model": "tiny-random-llama", "seed": 5,
@@ -32,19 +29,6 @@ BODY = {"model": "tiny-random-llama", "seed": 5,
             "batch_size": 2, "max_steps": STEPS, "n_epochs": 4, "checkpoint_every_steps": 4,
             "learning_rate": 5e-4}}}}
 TAKEOVER = ReconcilerSettings(heartbeat_timeout=2.0, requeue_after=0, max_restarts=3)
-
-
-@pytest.fixture
-def production(tmp_path: Path, postgres_url: str, s3_endpoint: str,
-               monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[dict[str, str], Settings, Api]]:
-    env = production_env(tmp_path, postgres_url, s3_endpoint) | {"ALIGND_HEARTBEAT_INTERVAL": "0.5"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    settings = Settings.from_env()
-    gen = _api(settings)
-    api = next(gen)
-    yield env, settings, api
-    next(gen, None)
 
 
 def _job_row(api: Api, job_id: str) -> Job:
