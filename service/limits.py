@@ -4,7 +4,8 @@ concurrent jobs per organization.
 The upload limit is an ASGI middleware so it can refuse on ``Content-Length`` before reading a byte
 and stop a chunked upload the moment it crosses the limit; Litestar then spools what it accepted to
 a temporary file, so memory stays flat whatever the upload's size. Rate limits are counted in the
-database, so every API replica sees the same numbers.
+database, so every API replica sees the same numbers, and counted under a per-organization lock, so
+concurrent creates cannot all pass on the same count.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import math
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from service.db.models import Job, now
+from service.db.models import Job, Organization, now
 from service.db.repositories import OrgRepository
 from service.errors import APIError
 from service.settings import LimitSettings
@@ -81,9 +83,23 @@ async def _reject(send: Any, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def lock_organization(session: Session, org: str) -> None:
+    """Serialise one organization's creates until the transaction ends, on either database.
+
+    A no-op UPDATE of the organization's row: PostgreSQL locks that row (a concurrent create waits
+    here, then counts with a fresh snapshot that includes the job the first one inserted); SQLite
+    takes its write lock at the first write, before anything is counted. Without it, 16 concurrent
+    creates all count the same number and all pass a limit of 5."""
+    session.execute(update(Organization).where(Organization.id == org).values(id=Organization.id))
+
+
 def check_job_limits(repo: OrgRepository, limits: LimitSettings) -> None:
-    """429 with Retry-After when an organization creates jobs too fast or has too many in flight."""
+    """429 with Retry-After when an organization creates jobs too fast or has too many in flight.
+
+    Call it in the transaction that inserts the job: the count and the insert are atomic per
+    organization (:func:`lock_organization`)."""
     session, org = repo.session, repo.org
+    lock_organization(session, org)
     active = session.scalar(select(func.count()).select_from(Job).where(Job.organization_id == org,
                                                                         Job.status.in_(ACTIVE))) or 0
     if active >= limits.max_active_jobs:
