@@ -1,8 +1,9 @@
 """Limits that protect the service: upload size (enforced while streaming), job-creation rate and
 concurrent jobs per organization.
 
-The upload limit is an ASGI middleware so it can refuse on ``Content-Length`` before reading a byte
-and stop a chunked upload the moment it crosses the limit; Litestar then spools what it accepted to
+The upload limit is an ASGI middleware so it can refuse on ``Content-Length`` before storing a byte
+and stop a chunked upload the moment it crosses the limit (the rest of the body is read and discarded,
+bounded in time, so the client receives a real 413); Litestar then spools what it accepted to
 a temporary file, so memory stays flat whatever the upload's size. Rate limits are counted in the
 database, so every API replica sees the same numbers, and counted under a per-organization lock, so
 concurrent creates cannot all pass on the same count.
@@ -10,6 +11,7 @@ concurrent creates cannot all pass on the same count.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -24,6 +26,8 @@ from service.errors import APIError
 from service.settings import LimitSettings
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
+#: How long an upload over the limit is read (and discarded) so that its client gets to see the 413.
+DRAIN_SECONDS = 30.0
 
 
 class UploadTooLarge(APIError):
@@ -43,6 +47,8 @@ def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/fi
             headers = dict(scope.get("headers") or [])
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
+                if headers.get(b"expect", b"").lower() != b"100-continue":
+                    await _drain(receive)  # a client waiting for 100 Continue never sends the body
                 await _reject(send, limit)
                 return
             seen = 0
@@ -54,6 +60,7 @@ def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/fi
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > limit:
+                        await _drain(receive)
                         raise UploadTooLarge(limit)
                 return message
 
@@ -71,6 +78,24 @@ def upload_size_limit(limit: int, paths: tuple[str, ...] = ("/v1/files", "/v1/fi
         return guarded
 
     return middleware
+
+
+async def _drain(receive: Receive, seconds: float = DRAIN_SECONDS) -> None:
+    """Read and discard the rest of the body before answering 413.
+
+    HTTP/1.1 clients send the whole body before they read the answer; a server that answers and
+    closes mid-upload resets a connection with unread data, and the client sees a broken pipe instead
+    of the 413. Discarding keeps memory flat; the time bound (as nginx's ``lingering_time``) keeps an
+    endless upload from holding the connection."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), timeout=left)
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def _reject(send: Any, limit: int) -> None:
