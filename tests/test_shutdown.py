@@ -147,3 +147,46 @@ def test_sigterm_to_a_worker_mid_job_hands_it_to_another_worker(production, tmp_
     with session_scope(api_.state.sessions) as s:
         final = s.get(Job, job_id)
         assert final is not None and final.worker != first_worker and final.attempt == 2
+
+
+def test_a_worker_whose_job_cannot_reach_a_step_boundary_hands_it_back_by_force(production,  # type: ignore[no-untyped-def]
+                                                                                 tmp_path: Path) -> None:
+    """The training process is frozen (a step longer than the grace period): at the deadline the main
+    process re-queues the job with a new attempt (fencing the frozen process out), kills its pool and
+    exits within the grace period; another worker finishes the job from its latest checkpoint."""
+    env, settings, api = production
+    grace = 25.0  # the forced hand-back comes at grace - 20 s
+    env = env | {"ALIGND_WORKER_SHUTDOWN_GRACE": str(grace)}
+    headers = api.key("acme")
+    get = lambda p: api.client.get(p, headers=headers)  # noqa: E731
+    steps = 12
+    f = api.client.post("/v1/files", headers=headers, files={"file": ("p.jsonl", jsonl(PREFERENCE_ROWS))},
+                        data={"purpose": "fine-tune"}).json()
+    body = long_dpo(f["id"], steps)
+    body["method"]["dpo"]["hyperparameters"]["checkpoint_every_steps"] = 2
+    job_id = api.client.post("/v1/fine_tuning/jobs", headers=headers, json=body).json()["id"]
+    with celery_worker(settings, env, tmp_path / "worker1.log") as worker1:
+        deadline = time.time() + 240
+        while not get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]:
+            assert time.time() < deadline, (tmp_path / "worker1.log").read_text()[-3000:]
+            time.sleep(0.05)
+        pool = psutil.Process(worker1.pid).children(recursive=True)
+        assert pool
+        for child in pool:
+            child.suspend()  # SIGSTOP: the job cannot reach its next step boundary
+        began = time.monotonic()
+        worker1.send_signal(signal.SIGTERM)
+        worker1.wait(timeout=grace)
+        exited_after = time.monotonic() - began
+        assert not [p for p in pool if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert exited_after < grace
+    with session_scope(api.state.sessions) as s:
+        row = s.get(Job, job_id)
+        assert row is not None and row.status == "queued" and row.attempt == 2 and row.worker is None
+    events = [e["message"] for e in messages(get, job_id)]
+    assert any("did not reach a step boundary within the grace period" in m for m in events)
+    with celery_worker(settings, env, tmp_path / "worker2.log"):
+        done = wait_for_job(get, job_id, timeout=300)
+    assert done["status"] == "succeeded", (tmp_path / "worker2.log").read_text()[-3000:]
+    losses = get(f"/v1/fine_tuning/jobs/{job_id}/metrics?name=loss").json()["data"]
+    assert [p["step"] for p in losses] == list(range(1, steps + 1))
