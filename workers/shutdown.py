@@ -10,10 +10,11 @@ the running task), and sends ``worker_shutting_down`` in the main process. There
    :func:`hand_back`: the job goes back to ``queued`` under the same id, with an event that says why,
    and is published again, so another worker resumes at that step. The task returns and the worker exits.
 2. arms a deadline. A job still running ``ALIGND_WORKER_SHUTDOWN_GRACE`` − 20 s after the signal (a
-   step or an evaluation longer than the grace period) is handed back by force: re-queued with its
-   attempt number bumped — which fences the training process out of every later write — and
-   published; the pool processes are killed and the worker exits before the pod's grace runs out.
-   The job resumes from its latest checkpoint.
+   step or an evaluation longer than the grace period, a frozen process) is handed back by force: the
+   pool processes are killed (which also ends any database transaction they held open), the job is
+   re-queued with its attempt number bumped — fencing out anything of the old run that still writes —
+   and published, and the worker exits before the pod's grace runs out. The job resumes from its
+   latest checkpoint.
 
 A cold shutdown (SIGQUIT, a second Ctrl+C) takes the forced path at once.
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import psutil
 from celery.signals import worker_shutting_down
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from service.db.engine import session_scope
 from service.db.models import Job, JobEvent, now
@@ -65,9 +66,19 @@ def hand_back(state: AppState, reporter: Reporter) -> str:
     return status
 
 
+def _wait_briefly_for_locks(session: Any) -> None:
+    """A training process frozen inside a write transaction holds the job's row (or SQLite's write lock):
+    wait 2 s at most, so the shutdown's deadline is never held up by it (the next try comes a second later)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL lock_timeout = '2s'"))
+    else:
+        session.execute(text("PRAGMA busy_timeout = 2000"))
+
+
 def request_preemption(state: AppState, worker: str) -> list[str]:
     """Ask every job this worker runs to checkpoint at its next step and hand itself back."""
     with session_scope(state.sessions) as session:
+        _wait_briefly_for_locks(session)
         ids = list(session.scalars(
             update(Job).where(Job.worker == worker, Job.status == "running", Job.preempt_requested.is_(False))
             .values(preempt_requested=True).returning(Job.id)))
@@ -85,6 +96,7 @@ def force_hand_back(state: AppState, worker: str) -> list[str]:
     later write, so no step it finishes afterwards can land in the job."""
     moved: list[tuple[str, str | None]] = []
     with session_scope(state.sessions) as session:
+        _wait_briefly_for_locks(session)
         rows = session.execute(select(Job.id, Job.queue, Job.step).where(Job.worker == worker,
                                                                          Job.status == "running")).all()
         for job_id, queue, step in rows:
@@ -149,13 +161,17 @@ class Shutdown:
         if self._forced.is_set():
             return
         self._forced.set()
-        try:
-            moved = force_hand_back(self.state, self.worker)
-            if moved:
-                log.warning("worker %s: handed %s back by force", self.worker, moved)
-        except Exception:  # noqa: BLE001 - the reconciler re-queues it once the heartbeat stops
-            log.exception("could not hand the running jobs back")
+        # Kill first: a dead process's database session ends, and with it any lock it held on the job.
         _kill_pool()
+        for _ in range(3):
+            try:
+                moved = force_hand_back(self.state, self.worker)
+                if moved:
+                    log.warning("worker %s: handed %s back by force", self.worker, moved)
+                break
+            except Exception:  # noqa: BLE001 - the reconciler re-queues it once the heartbeat stops
+                log.exception("could not hand the running jobs back")
+                time.sleep(1.0)
         threading.Timer(FORCE_MARGIN / 2, os._exit, args=(1,)).start()  # if Celery's own shutdown hangs
 
 
