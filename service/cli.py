@@ -7,8 +7,10 @@ demo run as child processes by module name, so this module never imports ``worke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,7 +31,7 @@ def worker_command(settings: Settings, concurrency: int = 1) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             "-Q", settings.placement.worker_queue, "--concurrency", str(concurrency), "--pool", "prefork",
             "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel", "INFO",
-            "-n", f"alignd-{os.getpid()}@%h"]
+            "-n", f"alignd-{os.getpid()}-{secrets.token_hex(3)}@%h"]  # unique: a shutdown hands back its own jobs
 
 
 def cmd_api(args: argparse.Namespace, *, with_worker: bool = False) -> int:
@@ -38,20 +40,78 @@ def cmd_api(args: argparse.Namespace, *, with_worker: bool = False) -> int:
     from service.app import create_app
 
     settings = _settings(args)
+    _exit_on(signal.SIGTERM, signal.SIGINT)
     # migrates before anything else touches the database, unless a migration Job owns that (k8s)
     app = create_app(settings, reconcile=True, migrate=not getattr(args, "skip_migrate", False))
-    worker = subprocess.Popen(worker_command(settings), env=os.environ.copy()) if with_worker else None
+    worker = None
+    if with_worker:  # in our process group, and told to stop (SIGTERM) should this process die first
+        worker = subprocess.Popen(worker_command(settings), env=os.environ.copy(), preexec_fn=_term_with_parent)
     try:
         print(f"alignd: API on http://{args.host}:{args.port} (data dir {settings.data_dir})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_worker(worker, settings.worker.shutdown_grace)
     return 0
+
+
+def _exit_on(*signals: signal.Signals) -> None:
+    """SIGTERM/SIGINT end the process through ``SystemExit`` so that ``finally`` blocks run.
+
+    uvicorn shuts down gracefully on either signal and then re-raises it; with the default SIGTERM
+    disposition that re-raise would kill the process before ``serve`` stopped its worker."""
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    for sig in signals:
+        signal.signal(sig, leave)
+
+
+def _term_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_worker(worker: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop ``serve``'s worker and leave no process behind.
+
+    SIGTERM lets the worker hand its running job back to the queue and exit within its grace period
+    (``ALIGND_WORKER_SHUTDOWN_GRACE``, see ``workers/shutdown.py``); whatever of its process tree is
+    still alive after that — or at once, on a second SIGTERM/SIGINT — is killed."""
+    import threading
+    import time
+
+    import psutil
+
+    hurry = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: hurry.set())
+    seen: dict[int, psutil.Process] = {}
+
+    def track() -> None:
+        try:
+            for p in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+                seen.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+
+    track()
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    while worker.poll() is None and time.monotonic() < deadline and not hurry.is_set():
+        track()
+        time.sleep(0.2)
+    for p in seen.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+        except psutil.Error:
+            continue
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(timeout=10)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -5,9 +5,15 @@ One leader at a time (a PostgreSQL advisory lock, or a file lock next to the SQL
 
 - a ``running`` job whose heartbeat is older than ``heartbeat_timeout`` lost its worker: it goes
   back to ``queued`` (it will resume from its latest checkpoint) until ``max_restarts``, then fails
-  with ``worker_lost``;
-- ``queued`` jobs beyond what the broker holds (after a Redis flush, a lost publish) are published
-  again, oldest first. A duplicate message is harmless: the task's claim lets one delivery run.
+  with ``worker_lost``. Either way its ``attempt`` is bumped, which fences the old worker out: if it
+  was only cut off or frozen, its next write is refused and it stops (``JobRunRepository``);
+- queue by queue, ``queued`` jobs beyond what that queue holds in the broker (after a Redis flush, a
+  lost publish) are published again, the longest-unpublished (oldest ``enqueued_at``) first. Counting
+  per queue matters: a surplus message in one queue must not hide a lost one in another. A duplicate
+  delivery is harmless (the task's claim lets one delivery run); a lost one is not.
+
+The leader re-verifies its lock on every pass: a PostgreSQL session lock disappears with its
+connection, and a leader that kept going after that would reconcile next to the new one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from sqlalchemy import select, text
 
 from service.db.engine import session_scope
 from service.db.models import Job, JobEvent, now
-from service.queue import queue_depth, send_train
+from service.queue import queue_depths, send_train
 from service.state import AppState
 
 log = logging.getLogger("alignd.reconciler")
@@ -56,6 +62,7 @@ def recover_orphans(state: AppState, cfg: ReconcilerSettings) -> dict[str, int]:
         stale = session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
                                 .with_for_update(skip_locked=True)).all()
         for job in stale:
+            job.attempt += 1  # the silent worker may only be cut off or frozen: fence it out
             if job.restarts >= cfg.max_restarts:
                 job.status, job.finished_at = "failed", now()
                 job.error = {"code": "worker_lost", "param": None,
@@ -76,20 +83,26 @@ def recover_orphans(state: AppState, cfg: ReconcilerSettings) -> dict[str, int]:
 
 
 def republish_queued(state: AppState, cfg: ReconcilerSettings) -> int:
-    depth = queue_depth(state.celery, state.settings)
-    if depth is None:
+    depths = queue_depths(state.celery, state.settings)
+    if depths is None:
         return 0
+    default = state.settings.placement.queues[0].name
+    cutoff = now() - cfg.requeue_after
+    due: list[tuple[str, str]] = []
     with session_scope(state.sessions) as session:
-        queued = session.scalars(select(Job).where(Job.status == "queued").order_by(Job.created_at)).all()
-        missing = len(queued) - depth
-        if missing <= 0:
-            return 0
-        cutoff = now() - cfg.requeue_after
-        due = [j for j in queued if j.enqueued_at is None or j.enqueued_at < cutoff][:missing]
-        ids = [(j.id, j.queue) for j in due]  # each to the queue it was routed to
-        for job in due:
-            job.enqueued_at = now()
-    sent = sum(send_train(state.celery, state.settings, job_id, queue) for job_id, queue in ids)
+        queued = session.scalars(select(Job).where(Job.status == "queued")
+                                 .order_by(Job.enqueued_at.is_not(None), Job.enqueued_at, Job.created_at)).all()
+        by_queue: dict[str, list[Job]] = {}
+        for job in queued:
+            by_queue.setdefault(job.queue or default, []).append(job)
+        for queue, jobs in by_queue.items():
+            missing = len(jobs) - depths.get(queue, 0)  # a queue the broker does not know holds nothing
+            if missing <= 0:
+                continue
+            for job in [j for j in jobs if j.enqueued_at is None or j.enqueued_at < cutoff][:missing]:
+                job.enqueued_at = now()
+                due.append((job.id, queue))
+    sent = sum(send_train(state.celery, state.settings, job_id, queue) for job_id, queue in due)
     if sent:
         log.info("re-published %d queued job(s) the broker did not hold", sent)
     return sent
@@ -110,36 +123,80 @@ class Leadership:
         self._file: Any = None
 
     def acquire(self) -> bool:
-        if self._conn is not None or self._file is not None:
+        """True while this process leads. Called on every pass: a held PostgreSQL lock is verified
+        (its connection may have dropped, taking the lock with it), not assumed."""
+        if self._file is not None:
             return True
+        if self._conn is not None:
+            if self._still_held():
+                return True
+            self._drop_connection()
         if self.state.settings.database.is_sqlite:
-            path = Path(self.state.settings.data_dir) / "reconciler.lock"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = path.open("w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                return False
-            self._file = handle
-            return True
+            return self._acquire_file()
         conn = self.state.engine.connect()
-        acquired = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY}).scalar())
-        conn.commit()  # the lock is session-level; do not sit idle in a transaction
+        try:
+            acquired = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                         {"k": ADVISORY_LOCK_KEY}).scalar())
+            conn.commit()  # the lock is session-level; do not sit idle in a transaction
+        except Exception:
+            conn.invalidate()
+            conn.close()
+            raise
         if acquired:
             self._conn = conn
             return True
         conn.close()
         return False
 
+    def _still_held(self) -> bool:
+        try:
+            held = bool(self._conn.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                "AND granted AND classid = :hi AND objid = :lo AND objsubid = 1"),
+                {"hi": ADVISORY_LOCK_KEY >> 32, "lo": ADVISORY_LOCK_KEY & 0xFFFFFFFF}).scalar())
+            self._conn.commit()
+            return held
+        except Exception:  # noqa: BLE001 - a dropped connection: the lock went with it
+            log.warning("reconciler: the leader's database connection dropped; leadership is lost")
+            return False
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        try:
+            conn.invalidate()  # never hand a connection of unknown state back to the pool
+        finally:
+            conn.close()
+
+    def lock_path(self) -> Path:
+        """Next to the SQLite database file: every process that uses that file contends for one lock,
+        whatever data dir it was started with."""
+        path = self.state.settings.database.url.removeprefix("sqlite:///")
+        if not path or path == ":memory:" or path.startswith("sqlite:"):
+            return Path(self.state.settings.data_dir) / "reconciler.lock"
+        database = Path(path)
+        return database.with_name(database.name + ".reconciler.lock")
+
+    def _acquire_file(self) -> bool:
+        path = self.lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
     def release(self) -> None:
         if self._conn is not None:
             try:  # pooled connections outlive close(): unlock explicitly
                 self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
                 self._conn.commit()
-            finally:
                 self._conn.close()
                 self._conn = None
+            except Exception:  # noqa: BLE001 - a dead connection holds no lock any more
+                self._drop_connection()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -156,6 +156,15 @@ class GraderSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """``ALIGND_WORKER_SHUTDOWN_GRACE``: seconds within which a worker told to stop (SIGTERM) has
+    checkpointed its job, handed it back to the queue and exited (``workers/shutdown.py``). The k8s
+    worker Deployments' ``terminationGracePeriodSeconds`` equals it; ``alignd serve`` waits as long."""
+
+    shutdown_grace: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     database: DatabaseSettings
@@ -167,6 +176,7 @@ class Settings:
     placement: PlacementSettings = field(default_factory=PlacementSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     graders: GraderSettings = field(default_factory=GraderSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> Settings:
@@ -219,6 +229,7 @@ class Settings:
                 api_job_series=(_env("ALIGND_API_JOB_METRICS", "true") or "true").lower()
                 not in ("0", "false", "no", "off"),
             ),
+            worker=WorkerSettings(shutdown_grace=float(_env("ALIGND_WORKER_SHUTDOWN_GRACE", "300") or 300)),
         )
 
 

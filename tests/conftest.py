@@ -176,3 +176,20 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
             yield LiveService(api, api.key("acme"), root / "worker.log")
     finally:
         next(gen, None)
+
+
+@pytest.fixture
+def production(tmp_path: Path, postgres_url: str, s3_endpoint: str,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[dict[str, str], Settings, Api]]:
+    """Production parts (PostgreSQL, Redis, S3 on moto) for the in-process API and for worker processes:
+    (the workers' environment, the API's settings, the API). Heartbeats every 0.5 s."""
+    from tests.processes import production_env
+
+    env = production_env(tmp_path, postgres_url, s3_endpoint) | {"ALIGND_HEARTBEAT_INTERVAL": "0.5"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings.from_env()
+    gen = _api(settings)
+    api = next(gen)
+    yield env, settings, api
+    next(gen, None)

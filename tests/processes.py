@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +20,22 @@ from service.cli import worker_command
 from service.settings import Settings
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def production_env(tmp_path: Path, postgres_url: str, s3_endpoint: str) -> dict[str, str]:
+    """Production parts for worker processes: PostgreSQL, Redis (a queue of the test's own), S3 on moto."""
+    from tests.conftest import MODEL_CACHE, REDIS_URL
+
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")},
+        "ALIGND_DATA_DIR": str(tmp_path / "data"),
+        "ALIGND_DATABASE_URL": postgres_url,
+        "ALIGND_BROKER_URL": REDIS_URL,
+        "ALIGND_QUEUE": "alignd-test-" + secrets.token_hex(4),
+        "ALIGND_STORAGE_URL": f"s3://alignd-e2e/{secrets.token_hex(4)}",
+        "ALIGND_S3_ENDPOINT_URL": s3_endpoint,
+        "ALIGND_MODEL_CACHE": str(MODEL_CACHE),
+    }
 
 
 def free_port() -> int:

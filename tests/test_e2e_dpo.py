@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
 from service.settings import Settings
 from tests.conftest import MODEL_CACHE, PREFERENCE_ROWS, REDIS_URL, Api, _api, jsonl
@@ -103,7 +102,7 @@ def test_dpo_job_on_redis_worker_postgres_and_s3(tmp_path: Path, postgres_url: s
         ckpt = get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][-1]
         content = get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints/{ckpt['id']}/content")
         assert content.status_code == 200 and content.content[:2] == b"\x1f\x8b"
-        assert api.state.store.exists(f"jobs/{job['id']}/adapter.tar.gz")  # really in S3
+        assert api.state.store.exists(f"jobs/{job['id']}/attempt_1/adapter.tar.gz")  # really in S3
         models = {m["id"] for m in get("/v1/models").json()["data"]}
         assert job["fine_tuned_model"] in models
         other = api.key("globex")
@@ -137,8 +136,7 @@ def test_embedded_serve_end_to_end(tmp_path: Path) -> None:
         check_finished_job(client.get, job)
         check_adapter(client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter").content, tmp_path)
         assert (tmp_path / "data" / "alignd.db").exists()
-        assert (tmp_path / "data" / "objects" / "jobs" / job["id"] / "adapter.tar.gz").exists()
+        assert (tmp_path / "data" / "objects" / "jobs" / job["id"] / "attempt_1" / "adapter.tar.gz").exists()
     finally:
         stop(proc)
         log.close()
-    assert torch.tensor(1.0).item() == 1.0

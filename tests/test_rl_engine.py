@@ -319,7 +319,7 @@ def test_dropout_is_off_so_the_first_update_has_ratio_one(tmp_path: Path, reward
         assert values["val/ratio"] == pytest.approx(1.0, abs=1e-5), step
         assert values["policy/clipfrac_avg"] == 0.0, step
         assert values["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-6), step
-    files = archive_files(ctx.store, final_adapter_key(ctx.job_id), tmp_path)
+    files = archive_files(ctx.store, final_adapter_key(ctx.job_id, attempt=ctx.attempt), tmp_path)
     assert json.loads(files["adapter_config.json"])["lora_dropout"] == 0.5
     assert "value_head.safetensors" not in files  # the result is the policy alone
     assert any("dropout 0.5" in m for m in ctx.reporter.messages())
@@ -341,8 +341,8 @@ def test_paused_then_resumed_ppo_ends_like_an_uninterrupted_run(tmp_path: Path, 
     assert run_recipe(resumed).status == "succeeded"
     assert resumed.reporter.resumed_at == [3] and [s for s, _ in resumed.reporter.steps] == [4]
 
-    ours = archive_files(resumed.store, final_adapter_key(resumed.job_id), tmp_path / "a")
-    theirs = archive_files(straight.store, final_adapter_key(straight.job_id), tmp_path / "b")
+    ours = archive_files(resumed.store, final_adapter_key(resumed.job_id, attempt=0), tmp_path / "a")
+    theirs = archive_files(straight.store, final_adapter_key(straight.job_id, attempt=0), tmp_path / "b")
     from safetensors.torch import load
 
     a, b = load(ours["adapter_model.safetensors"]), load(theirs["adapter_model.safetensors"])

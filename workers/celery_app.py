@@ -7,4 +7,4 @@ from service.settings import Settings
 
 settings = Settings.from_env()
 app = make_celery(settings)
-app.conf.imports = ("workers.tasks", "workers.graders.tasks")
+app.conf.imports = ("workers.tasks", "workers.graders.tasks", "workers.shutdown")  # shutdown: SIGTERM hands back

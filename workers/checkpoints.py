@@ -1,12 +1,15 @@
 """Checkpoints and result archives: what a job saves, where, and how a later attempt resumes from it.
 
-An archive is one ``.tar.gz`` object in the store (``jobs/<id>/step_<n>/adapter.tar.gz`` for a
-checkpoint, ``jobs/<id>/adapter.tar.gz`` for the result) whose files sit at its top level, so that
+An archive is one ``.tar.gz`` object in the store (``jobs/<id>/attempt_<a>/step_<n>/adapter.tar.gz`` for
+a checkpoint, ``jobs/<id>/attempt_<a>/adapter.tar.gz`` for the result) whose files sit at its top level, so that
 extracting it gives a directory ``peft.PeftModel.from_pretrained`` (or ``from_pretrained`` for a
 full fine-tune) loads directly. A checkpoint also holds ``training_state.pt``: optimizer and
 scheduler state, the RNG states, the step, the tokens seen, the last metrics and whatever extra state
 the recipe keeps (PPO's KL controller, sampler and value function). The data position follows from
-the step, because batches are planned deterministically from the job's seed.
+the step, because batches are planned deterministically from the job's seed. The claim's attempt
+number is part of every key: a worker that lost its job (cut off, frozen, then woken) may still
+finish an upload before its next fenced database write is refused, and under its own attempt's
+prefix that upload can never replace an object the current attempt's rows point to.
 
 The archive is uploaded as a single object and its database row is written after the upload, so a
 checkpoint is either complete or invisible. ``training_state.pt`` is written by the worker itself and
@@ -41,12 +44,12 @@ if TYPE_CHECKING:
 STATE_FILE = "training_state.pt"
 
 
-def checkpoint_key(job_id: str, step: int) -> str:
-    return f"jobs/{job_id}/step_{step}/adapter.tar.gz"
+def checkpoint_key(job_id: str, step: int, *, attempt: int) -> str:
+    return f"jobs/{job_id}/attempt_{attempt}/step_{step}/adapter.tar.gz"
 
 
-def final_adapter_key(job_id: str) -> str:
-    return f"jobs/{job_id}/adapter.tar.gz"
+def final_adapter_key(job_id: str, *, attempt: int) -> str:
+    return f"jobs/{job_id}/attempt_{attempt}/adapter.tar.gz"
 
 
 # --------------------------------------------------------------------------- archives
@@ -160,7 +163,7 @@ def save_archive(ctx: JobContext, weights: Weights, key: str, state: dict[str, A
 def save_checkpoint(ctx: JobContext, weights: Weights, step: int, metrics: dict[str, float],
                     state: dict[str, Any]) -> str:
     """A resumable checkpoint of ``step``, then its row (the row only once the archive is complete)."""
-    key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step), state)
+    key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step, attempt=ctx.attempt), state)
     ctx.reporter.checkpoint(step, metrics, key)
     return key
 

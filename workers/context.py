@@ -90,6 +90,9 @@ class JobContext:
     workdir: Path
     # (step, storage key) of the checkpoint to resume from; set by the runner when one exists
     resume_from: tuple[int, str] | None = None
+    #: the claim's attempt number: object keys carry it, so a fenced-out worker never overwrites the
+    #: checkpoints or the adapter of the attempt that replaced it
+    attempt: int = 0
     #: model references named by the spec, by field name (``reward_model``, ``judge``)
     references: dict[str, ModelRef] = field(default_factory=dict)
 
@@ -118,7 +121,7 @@ class JobContext:
 
 @dataclass
 class TrainResult:
-    status: str  # "succeeded" | "cancelled" | "paused"
+    status: str  # "succeeded" | "cancelled" | "paused" | "preempted" (checkpointed; the runner re-queues it)
     trained_tokens: int
     final_metrics: dict[str, float]
     adapter_key: str | None = None

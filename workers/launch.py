@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from service.db.engine import session_scope
-from service.db.repositories import JobRunRepository
+from service.db.repositories import JobLost, JobRunRepository
 from service.settings import Settings
 from service.state import AppState
 from workers.reporting import Reporter
@@ -48,6 +48,8 @@ from workers.reporting import Reporter
 log = logging.getLogger("alignd.worker")
 
 STOP_GRACE = 60.0
+#: The claim's attempt number, passed to the ranks (every rank's Reporter is fenced on it).
+ATTEMPT_ENV = "ALIGND_JOB_ATTEMPT"
 KILL_GRACE = 15.0
 
 
@@ -117,14 +119,15 @@ def supervise(state: AppState, job_id: str, reporter: Reporter, resources: dict[
     import torch  # only to know whether the ranks get GPUs
 
     gpus, strategy = int(resources["gpus"]), str(resources.get("strategy") or "ddp")
-    env = {**os.environ, **settings_env(state.settings), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **settings_env(state.settings), "PYTHONUNBUFFERED": "1",
+           ATTEMPT_ENV: str(reporter.attempt or 0)}  # the ranks' writes carry the claim's fence
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # gloo on the CPU
     elif torch.cuda.device_count() < gpus:
         reporter.event(f"Job failed: this worker has {torch.cuda.device_count()} GPUs, the job asks "
                        f"for {gpus}", level="error", data={"code": "insufficient_resources"})
         with session_scope(state.sessions) as session:
-            JobRunRepository(session, job_id).finish("failed", error={
+            JobRunRepository(session, job_id, reporter.attempt).finish("failed", error={
                 "code": "insufficient_resources", "param": "resources.gpus",
                 "message": f"the worker has {torch.cuda.device_count()} GPUs; the job asks for {gpus}"})
         return "failed"
@@ -165,7 +168,7 @@ def supervise(state: AppState, job_id: str, reporter: Reporter, resources: dict[
         reporter.event(f"Job failed: {message}", level="error",
                        data={"code": "training_error", "output": output})
         with session_scope(state.sessions) as session:
-            JobRunRepository(session, job_id).finish("failed", error={
+            JobRunRepository(session, job_id, reporter.attempt).finish("failed", error={
                 "code": "training_error", "param": None, "message": f"{message}:\n{output}"[-1000:]})
         return "failed"
     return status
@@ -181,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(message)s")
     state = AppState(Settings.from_env())
-    status = run_claimed(state, job_id, Reporter(state.sessions, job_id))
+    attempt = int(os.environ.get(ATTEMPT_ENV) or 0) or None
+    try:
+        status = run_claimed(state, job_id, Reporter(state.sessions, job_id, attempt))
+    except JobLost:
+        log.warning("job %s: rank %s lost the job (attempt %s was superseded); stopping", job_id, rank, attempt)
+        return 1
     log.info("job %s: rank %s ended %s", job_id, os.environ.get("RANK", "0"), status)
     # A rank that failed exits non-zero so torchrun takes the group down; rank 0 recorded the error.
     return 1 if status == "failed" and not is_main_process() else 0

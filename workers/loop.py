@@ -8,7 +8,8 @@ mean the same everywhere:
 * epochs of pre-planned index batches, ``batches_per_step`` of them per step (the gradient
   accumulation group for supervised methods, one prompt batch for online RL), stopping at
   ``total_steps``;
-* cancel and pause (checked before every step; a pause checkpoints the current step first);
+* cancel, pause and preemption (checked before every step and, by steps that sample, between tokens;
+  a pause or a worker's shutdown checkpoints the current step first);
 * resume: with ``ctx.resume_from`` set, weights, optimizer, scheduler, RNG and the recipe's extra
   state come back from that checkpoint and the steps it covers are skipped, so every step is
   trained exactly once;
@@ -229,7 +230,7 @@ def gradient_step(optim: Optimization, forward_backward: StepFn) -> StepFn:
 
 @dataclass
 class LoopResult:
-    status: str  # "succeeded" | "cancelled" | "paused"
+    status: str  # "succeeded" | "cancelled" | "paused" | "preempted"
     step: int
     tokens: int
     metrics: dict[str, float]
@@ -266,9 +267,9 @@ def run_training(
         write_checkpoint(ctx, weights, at, {k: v for k, v in last.items() if k in checkpoint_metrics}, state)
 
     def stop(reason: str | None) -> LoopResult | None:
-        if reason == "pause":
+        if reason in ("pause", "preempt"):  # preempt: the worker is shutting down; the runner re-queues
             checkpoint(step)
-            return LoopResult("paused", step, tokens, last)
+            return LoopResult("paused" if reason == "pause" else "preempted", step, tokens, last)
         if reason is not None:
             reporter.event("Training stopped: the job was cancelled", level="warn")
             return LoopResult("cancelled", step, tokens, last)
@@ -319,5 +320,5 @@ def run_training(
     if evaluate is not None:
         evaluate(step)
     checkpoint(step)
-    key = save_archive(ctx, result_weights or weights, final_adapter_key(ctx.job_id))
+    key = save_archive(ctx, result_weights or weights, final_adapter_key(ctx.job_id, attempt=ctx.attempt))
     return LoopResult("succeeded", step, tokens, last, adapter_key=key)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.db.engine import session_scope
-from service.db.repositories import JobRunRepository, OrgRepository
+from service.db.repositories import JobLost, JobRunRepository, OrgRepository
 from service.errors import APIError
 from service.files import create_file, present_file
 from service.jobs.spec import method_from_row, training_type_from_row
@@ -79,6 +79,7 @@ def build_context(state: AppState, job_id: str, reporter: Reporter, workdir: Pat
             training_type=training_type_from_row(job.training_type), seed=job.seed, suffix=job.suffix,
             training_file_key=repo.file(job.training_file).storage_key, validation_file_key=validation_key,
             settings=state.settings, store=state.store, reporter=reporter, workdir=workdir, references=references,
+            attempt=reporter.attempt or 0,
         )
     if not recipes.resumes(recipe):
         reporter.restart()
@@ -122,13 +123,16 @@ def fail(reporter: Reporter, state: AppState, job_id: str, error: dict[str, Any]
     if not reporter.is_main:  # under accelerate launch, rank 0 records the end state
         return
     with session_scope(state.sessions) as session:
-        JobRunRepository(session, job_id).finish("failed", error=error)
+        JobRunRepository(session, job_id, reporter.attempt).finish("failed", error=error)
 
 
-def register_result_file(state: AppState, job_id: str, path: Path, filename: str) -> str:
-    """A job's output file as a normal file object of its organization (validated and analysed)."""
+def register_result_file(state: AppState, job_id: str, path: Path, filename: str, attempt: int | None) -> str:
+    """A job's output file as a normal file object of its organization (validated and analysed); only
+    while this attempt still owns the job (a fenced-out worker registers nothing)."""
     with session_scope(state.sessions) as session:
-        org = JobRunRepository(session, job_id).job().organization_id
+        repo = JobRunRepository(session, job_id, attempt)
+        repo.fence()
+        org = repo.job().organization_id
         try:
             with path.open("rb") as stream:
                 row = create_file(OrgRepository(session, org), state.store, state.settings.limits,
@@ -148,7 +152,7 @@ def _record_success(state: AppState, ctx: JobContext, result: TrainResult, repor
     summary = dict(result.summary or {})
     if result.output_path is not None:  # a job that produced a file (generate_preferences) made no model
         file_id = register_result_file(state, ctx.job_id, result.output_path,
-                                       result.output_filename or result.output_path.name)
+                                       result.output_filename or result.output_path.name, reporter.attempt)
         files = [file_id]
         summary["result_files"] = files
         reporter.event(f"Result file created: {file_id}", data={"result_files": files, "file": file_id})
@@ -157,13 +161,13 @@ def _record_success(state: AppState, ctx: JobContext, result: TrainResult, repor
         reporter.event(f"New fine-tuned model created: {name}", data={"fine_tuned_model": name})
     reporter.event("The job has successfully completed", data=summary)
     with session_scope(state.sessions) as session:
-        JobRunRepository(session, ctx.job_id).finish("succeeded", fine_tuned_model=name,
-                                                     adapter_key=result.adapter_key, result_files=files)
+        JobRunRepository(session, ctx.job_id, reporter.attempt).finish(
+            "succeeded", fine_tuned_model=name, adapter_key=result.adapter_key, result_files=files)
 
 
 def _record_pause(state: AppState, job_id: str, reporter: Reporter) -> None:
     with session_scope(state.sessions) as session:
-        repo = JobRunRepository(session, job_id)
+        repo = JobRunRepository(session, job_id, reporter.attempt)
         repo.mark_paused()
         step = repo.job().step
     reporter.event(f"Job paused at step {step}; resume continues from this checkpoint", data={"step": step})
@@ -178,11 +182,17 @@ def run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
         recipe = recipes.build(recipe_class, ctx)
         recipe.setup()
         result = recipe.train()
+        if reporter.is_main and result.status == "preempted":
+            from workers.shutdown import hand_back
+
+            return hand_back(state, reporter)
         if reporter.is_main and result.status == "paused":
             _record_pause(state, job_id, reporter)
         if reporter.is_main and result.status == "succeeded":
             _record_success(state, ctx, result, reporter)
         return result.status
+    except JobLost:
+        raise  # the task boundary logs it; nothing may be written for a job this worker lost
     except JobFailure as failure:
         fail(reporter, state, job_id, failure.as_error())
         return "failed"

@@ -2,7 +2,8 @@
 process or as N ranks under ``accelerate launch``.
 
 The task takes only a job id and reloads everything (``workers.runner``), so a redelivered or
-duplicated message is harmless: the claim (queued → running) lets exactly one delivery run.
+duplicated message is harmless: the claim (queued → running) lets exactly one delivery run, and its
+attempt number fences every later write (a worker that lost the job stops and writes nothing).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from service.db.engine import session_scope
-from service.db.repositories import JobRunRepository
+from service.db.repositories import JobLost, JobRunRepository
 from service.queue import TRAIN_TASK
 from service.settings import Settings
 from service.state import AppState
@@ -46,15 +47,23 @@ def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
     state = worker_state(settings)
     with session_scope(state.sessions) as session:
         repo = JobRunRepository(session, job_id)
-        if not repo.claim(worker):
+        attempt = repo.claim(worker)
+        if attempt is None:
             log.info("job %s is not queued any more; nothing to do", job_id)
             return "skipped"
         resources = dict(repo.job().resources or {})
-    reporter = Reporter(state.sessions, job_id)
-    with Heartbeat(reporter):
-        if int(resources.get("gpus") or 1) > 1:
-            return supervise(state, job_id, reporter, resources)
-        return run_claimed(state, job_id, reporter)
+    reporter = Reporter(state.sessions, job_id, attempt)
+    try:
+        with Heartbeat(reporter):
+            if int(resources.get("gpus") or 1) > 1:
+                return supervise(state, job_id, reporter, resources)
+            return run_claimed(state, job_id, reporter)
+    except JobLost:
+        # Fenced out: the reconciler handed the job to another worker while this one was cut off or
+        # frozen. Its training has stopped; it writes nothing more and leaves the job to the new owner.
+        log.warning("job %s: this worker lost the job (attempt %d was superseded); stopped its training "
+                    "and left it to the worker that owns it now", job_id, attempt)
+        return "lost"
 
 
 __all__ = ["app", "train", "run_job", "serve_worker_metrics"]

@@ -96,6 +96,10 @@ class Job(Base):
     estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # migration 0004: ids of the file objects a job produced (generate_preferences: its preference file)
     result_files: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    # migration 0005: the claim that owns the job (every worker write is conditional on it) and a
+    # shutting-down worker's request to checkpoint and hand the job back
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sql_false())
 
 
 class JobEvent(Base):

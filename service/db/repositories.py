@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Checkpoint, File, IdempotencyKey, Job, JobEvent, MetricPoint, Organization, new_id, now
@@ -161,12 +161,60 @@ class OrgRepository:
         self.session.flush()
 
 
-class JobRunRepository:
-    """The worker's view of one job. It trusts the job id: the API already checked ownership."""
+#: Seconds a fenced write transaction may sit idle (its process frozen) before PostgreSQL ends it.
+#: Those transactions only ever run a few statements back to back, so any real pause means trouble.
+FENCED_TRANSACTION_TIMEOUT = 30.0
 
-    def __init__(self, session: Session, job_id: str) -> None:
+
+class JobLost(Exception):
+    """This worker's attempt no longer owns the job: the reconciler or another worker's claim took it.
+
+    Raised by every fenced write (and so from the worker's ``Reporter``); the task boundary catches it,
+    logs that this worker lost the job, and writes nothing more."""
+
+    def __init__(self, job_id: str, attempt: int) -> None:
+        super().__init__(f"job {job_id}: attempt {attempt} no longer owns the job")
+        self.job_id = job_id
+        self.attempt = attempt
+
+
+class JobRunRepository:
+    """The worker's view of one job. It trusts the job id: the API already checked ownership.
+
+    ``attempt`` is the number the worker's claim returned. With it, every write is *fenced*: it first
+    runs ``UPDATE jobs SET attempt = attempt WHERE id = :id AND attempt = :mine`` in the same
+    transaction, which takes the job row's lock (PostgreSQL) or the database's write lock (SQLite)
+    and raises :class:`JobLost` when no row matched. A reconciler that re-queues the job bumps
+    ``attempt`` under the same lock, so a write is either committed while this attempt still owned the
+    job or refused — there is no window in between. Without ``attempt`` (reads, tools) nothing is fenced.
+    """
+
+    def __init__(self, session: Session, job_id: str, attempt: int | None = None) -> None:
         self.session = session
         self.job_id = job_id
+        self.attempt = attempt
+
+    def _fence(self) -> None:
+        if self.attempt is None:
+            return
+        if self.session.get_bind().dialect.name == "postgresql":
+            # A worker frozen inside this transaction would hold the job row's lock for ever and keep
+            # the reconciler from handing the job over: PostgreSQL ends such a session instead.
+            self.session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = "
+                                      f"{int(FENCED_TRANSACTION_TIMEOUT * 1000)}"))
+        result = self.session.execute(update(Job).where(Job.id == self.job_id, Job.attempt == self.attempt)
+                                      .values(attempt=Job.attempt))
+        if (result.rowcount or 0) != 1:  # type: ignore[attr-defined]
+            raise JobLost(self.job_id, self.attempt)
+
+    def fence(self) -> None:
+        """Raise :class:`JobLost` unless this attempt still owns the job (a fenced write of nothing)."""
+        self._fence()
+
+    def _mine(self) -> Any:
+        """The WHERE clause of a state change this attempt makes to its running job."""
+        clause = and_(Job.id == self.job_id, Job.status == "running")
+        return clause if self.attempt is None else and_(clause, Job.attempt == self.attempt)
 
     def job(self) -> Job:
         job = self.session.get(Job, self.job_id)
@@ -175,15 +223,21 @@ class JobRunRepository:
         self.session.refresh(job)
         return job
 
-    def claim(self, worker: str | None = None) -> bool:
+    def claim(self, worker: str | None = None) -> int | None:
         """queued → running only if still queued, so a duplicate delivery of the task does nothing.
 
-        ``worker`` (the Celery node name) is recorded so that worker's ``/metrics`` shows the job."""
-        result = self.session.execute(
+        Returns the claim's attempt number (None when the job was not queued): the fence every later
+        write of this run carries. ``worker`` (the Celery node name) is recorded so that worker's
+        ``/metrics`` shows the job and its shutdown can hand the job back."""
+        attempt = self.session.scalar(
             update(Job).where(Job.id == self.job_id, Job.status == "queued")
-            .values(status="running", started_at=now(), heartbeat_at=now(), worker=worker)
+            .values(status="running", started_at=now(), heartbeat_at=now(), worker=worker,
+                    attempt=Job.attempt + 1, preempt_requested=False)
+            .returning(Job.attempt)
         )
-        return (result.rowcount or 0) == 1  # type: ignore[attr-defined]
+        if attempt is not None:
+            self.attempt = int(attempt)
+        return self.attempt if attempt is not None else None
 
     def file(self, file_id: str) -> File:
         row = self.session.get(File, file_id)
@@ -193,13 +247,16 @@ class JobRunRepository:
 
     def add_event(self, message: str, *, level: str = "info", type: str = "message",
                   data: dict[str, Any] | None = None) -> None:
+        self._fence()
         self.session.add(JobEvent(job_id=self.job_id, message=message, level=level, type=type, data=data))
 
     def add_metrics(self, step: int, values: dict[str, float]) -> None:
+        self._fence()
         self.session.add_all(MetricPoint(job_id=self.job_id, step=step, name=k, value=float(v))
                              for k, v in values.items())
 
     def add_checkpoint(self, step: int, metrics: dict[str, float], storage_key: str) -> Checkpoint:
+        self._fence()
         row = Checkpoint(id=new_id("ftckpt"), job_id=self.job_id, step_number=step, metrics=metrics,
                          storage_key=storage_key)
         self.session.add(row)
@@ -207,6 +264,7 @@ class JobRunRepository:
 
     def progress(self, *, step: int, total_steps: int | None = None, trained_tokens: int | None = None,
                  estimated_finish: float | None = None) -> None:
+        self._fence()
         values: dict[str, Any] = {"step": step, "heartbeat_at": now()}
         if total_steps is not None:
             values["total_steps"] = total_steps
@@ -217,12 +275,28 @@ class JobRunRepository:
         self.session.execute(update(Job).where(Job.id == self.job_id).values(**values))
 
     def heartbeat(self) -> None:
-        self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
-                             .values(heartbeat_at=now()))
+        self._fence()
+        self.session.execute(update(Job).where(self._mine()).values(heartbeat_at=now()))
 
     def mark_paused(self) -> None:
-        self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running")
-                             .values(status="paused", pause_requested=False))
+        self._fence()
+        self.session.execute(update(Job).where(self._mine()).values(status="paused", pause_requested=False))
+
+    def hand_back(self, message: str, data: dict[str, Any] | None = None) -> tuple[bool, str | None]:
+        """running → queued by the worker itself (it is shutting down), with an event saying why.
+
+        Returns (handed back?, the job's queue to publish to); not handed back when the job was not
+        running any more (cancelled meanwhile)."""
+        self._fence()
+        row = self.session.execute(
+            update(Job).where(self._mine())
+            .values(status="queued", preempt_requested=False, enqueued_at=now(), worker=None)
+            .returning(Job.queue)
+        ).first()
+        if row is None:
+            return False, None
+        self.session.add(JobEvent(job_id=self.job_id, level="warn", message=message, data=data))
+        return True, row[0]
 
     def count_restart(self) -> int:
         """One more restart of this job (a lost worker, a failed node); returns the new count."""
@@ -231,6 +305,7 @@ class JobRunRepository:
 
     def drop_series_after(self, step: int) -> None:
         """Resuming from step N: points and checkpoints of steps after N were never made durable."""
+        self._fence()
         self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step))
         self.session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id,
                                                       Checkpoint.step_number > step))
@@ -245,6 +320,7 @@ class JobRunRepository:
     def finish(self, status: str, *, error: dict[str, Any] | None = None,
                fine_tuned_model: str | None = None, adapter_key: str | None = None,
                result_files: list[str] | None = None) -> None:
+        self._fence()
         values: dict[str, Any] = {"status": status, "finished_at": now(), "error": error}
         if fine_tuned_model is not None:
             values["fine_tuned_model"] = fine_tuned_model
@@ -253,7 +329,7 @@ class JobRunRepository:
         if result_files is not None:
             values["result_files"] = result_files
         # Conditional: a job cancelled while its last step ran stays cancelled.
-        self.session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(**values))
+        self.session.execute(update(Job).where(self._mine()).values(**values))
 
     def parent_by_fine_tuned_model(self, organization_id: str, name: str) -> Job | None:
         return self.session.scalar(select(Job).where(Job.fine_tuned_model == name,
@@ -268,6 +344,7 @@ class JobRunRepository:
 
     def clear_series(self) -> None:
         """A job that restarts from scratch drops the points of the aborted attempt."""
+        self._fence()
         self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id))
         self.session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id))
 

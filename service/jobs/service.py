@@ -149,6 +149,9 @@ def cancel_job(repo: OrgRepository, job: Job) -> Job:
     job.status = "cancelled"
     job.finished_at = now()
     repo.add(JobEvent(job_id=job.id, message="Job cancelled by request"))
+    # Written (and the row locked) first, then the step read: the answer's progress is where the job
+    # stood when the cancel landed; its worker trains at most the one step then in flight.
+    repo.session.refresh(job, attribute_names=["step"])
     return job
 
 

@@ -323,7 +323,7 @@ class GeneratePreferencesRecipe:
                            output_path=path, output_filename=output_filename(ctx.job_id))
 
     def _stopped(self, reason: str, step: int) -> TrainResult:
-        status = "paused" if reason == "pause" else "cancelled"
+        status = {"pause": "paused", "preempt": "preempted"}.get(reason, "cancelled")
         if status == "paused":
             self.ctx.reporter.event(f"Generation paused after {step} batches; nothing is checkpointed, a "
                                     "resumed job generates again from the first prompt", level="warn")
