@@ -365,7 +365,7 @@ class Progress:
             parts.append(f"ETA {_duration(eta - time.time())}")
         loss = self.metrics.get("loss")
         extra: tuple[str, float] | None = None
-        for name, label in (("rewards/margins", "margin"), ("objective/kl", "kl")):
+        for name, label in (("rewards/margins", "margin"), ("objective/kl", "kl"), ("reward", "reward")):
             if name in self.metrics:
                 extra = (label, self.metrics[name])
                 break
@@ -373,6 +373,8 @@ class Progress:
             parts.append(f"loss {loss:.4f}")
         if extra is not None:
             parts.append(f"{extra[0]} {extra[1]:.4f}")
+        if "eval/reward" in self.metrics:  # reinforcement: the latest evaluation's mean reward
+            parts.append(f"eval reward {self.metrics['eval/reward']:.4f}")
         parts.append(job["status"])
         key = (job["status"], step, total, loss, extra)
         return key, "  ".join(parts)

@@ -156,3 +156,16 @@ def test_progress_redraws_in_a_terminal() -> None:
     assert text.startswith("\r\x1b[K[######..................]  1/4   25%  ETA 1m0")
     assert "loss 0.6931  kl 0.0100  running" in text
     assert "\r\x1b[K12:00:00 · Checkpoint saved at step 1\n\r\x1b[K[############............]  2/4" in text
+
+
+def test_follow_shows_a_reinforcement_jobs_reward_and_eval_reward() -> None:
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    job = {"status": "running", "progress": {"step": 3, "total_steps": 8}}
+    progress.observe({"type": "metrics", "data": {"step": 3, "loss": 0.01, "reward": 0.375}})
+    progress.draw(job)
+    progress.observe({"type": "metrics", "data": {"step": 4, "eval/reward": 0.5}})
+    progress.draw({**job, "progress": {"step": 4, "total_steps": 8}})
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("loss 0.0100  reward 0.3750  running")
+    assert lines[1].endswith("loss 0.0100  reward 0.3750  eval reward 0.5000  running")

@@ -173,7 +173,8 @@ def test_the_overlay_is_applied(build: Build, external_postgres_build: Build) ->
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == "alignd", obj["metadata"]["name"]
     images = {c["image"] for _, spec in _pod_specs(build) for c in spec["containers"] if "alignd" in c["image"]}
-    assert "registry.example.com/alignd:0.1.0" in images and "alignd:latest" not in images
+    assert {"registry.example.com/alignd-api:0.1.0", "registry.example.com/alignd-worker:0.1.0"} <= images
+    assert not any(image.endswith(":latest") for image in images)
     assert build.find("Secret", "alignd-secrets") is not None
     assert build.find("StatefulSet", "alignd-postgres") is not None
     assert external_postgres_build.find("StatefulSet", "alignd-postgres") is None
@@ -352,7 +353,7 @@ def test_multinode_crds_validate_against_kueues_schemas(multinode: Build, kueue_
 
     checked = 0
     for build in (multinode, kueue_cluster):
-        for _, doc in build.resources:
+        for doc in build.objects():
             name = KUEUE_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
             if name:
                 jsonschema.validate(doc, crd_schema(name))
@@ -374,7 +375,8 @@ def test_multinode_rbac_lets_only_the_supervisor_manage_jobsets_and_read_pods(mu
     binding = multinode.find("RoleBinding", account)
     assert binding is not None and binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                                           "name": account}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    # kustomize puts the subject in the overlay's namespace, as it does the Role and the account
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "alignd"}]
     rules = _rules(multinode, binding["roleRef"]["name"])
     assert rules == {("jobset.x-k8s.io", "jobsets", v) for v in ("create", "get", "list", "watch", "delete")} | {
         ("", "pods", v) for v in ("get", "list", "watch")} | {("", "pods/log", "get")}
