@@ -14,7 +14,10 @@ read with ``weights_only=True``: no pickled code is ever executed.
 
 What a model's weights are is the recipe's business (one adapter, several adapters and a head, full
 weights): it hands a :class:`Weights` to the loop, which calls it for every checkpoint and resume.
-Under several ranks only rank 0 writes.
+Under several ranks only rank 0 writes. A sharded (FSDP) full fine-tune's checkpoints are sharded
+instead, model and optimizer in ``torch.distributed.checkpoint`` files beside a small archive
+(``workers.sharded_checkpoints``); ``load_resume_point`` reads either kind, a sharded one onto any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -142,14 +145,27 @@ class ModelWeights:
         restore_weights(self.model, directory)
 
 
+def is_collective(weights: Weights) -> bool:
+    """Weights spread over the ranks (FSDP): every rank takes part in writing them (the gather)."""
+    return bool(getattr(weights, "collective", False))
+
+
+def is_sharded(weights: Weights) -> bool:
+    """Weights whose checkpoints are sharded (``workers.sharded_checkpoints``), optimizer state included."""
+    return bool(getattr(weights, "sharded", False))
+
+
 def save_archive(ctx: JobContext, weights: Weights, key: str, state: dict[str, Any] | None = None) -> str:
-    """``weights`` (plus a training state, for a checkpoint) archived to ``key``; rank 0 writes."""
-    if not is_main_process():
+    """``weights`` (plus a training state, for a checkpoint) archived to ``key``; rank 0 writes
+    (collective weights are gathered by every rank first)."""
+    if not is_main_process() and not is_collective(weights):
         return key
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
         weights.write(out)
+        if not is_main_process():
+            return key
         if state is not None:
             torch.save(state, out / STATE_FILE)
         store_dir_archive(ctx.store, out, key)
@@ -160,7 +176,12 @@ def save_archive(ctx: JobContext, weights: Weights, key: str, state: dict[str, A
 def save_checkpoint(ctx: JobContext, weights: Weights, step: int, metrics: dict[str, float],
                     state: dict[str, Any]) -> str:
     """A resumable checkpoint of ``step``, then its row (the row only once the archive is complete)."""
-    key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step), state)
+    if is_sharded(weights):
+        from workers.sharded_checkpoints import save_sharded_checkpoint
+
+        key = save_sharded_checkpoint(ctx, weights, step, state)  # type: ignore[arg-type]
+    else:
+        key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step), state)
     ctx.reporter.checkpoint(step, metrics, key)
     return key
 
@@ -180,11 +201,12 @@ def _restore_python_rng(value: torch.Tensor) -> None:
 
 def capture_state(*, step: int, tokens: int, metrics: dict[str, float], optimizer: Any, scheduler: Any,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``optimizer`` None: its state is saved elsewhere (a sharded checkpoint's shards)."""
     return {
         "step": step,
         "tokens": tokens,
         "metrics": dict(metrics),
-        "optimizer": optimizer.state_dict(),
+        **({"optimizer": optimizer.state_dict()} if optimizer is not None else {}),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -197,11 +219,16 @@ def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer:
                       workdir: Path) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint archive; returns its state
     (the recipe's ``extra`` state included, for the caller to hand back)."""
+    from workers.sharded_checkpoints import is_sharded_checkpoint, load_sharded_checkpoint
+
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         directory = fetch_adapter(store, key, Path(tmp) / "checkpoint")
-        weights.restore(directory)
         state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(directory):  # model and optimizer from the shards, onto any world size
+            load_sharded_checkpoint(store, directory, weights.model, optimizer)  # type: ignore[attr-defined]
+        else:
+            weights.restore(directory)
+            optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state["cuda_rng"]:

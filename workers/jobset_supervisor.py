@@ -21,9 +21,14 @@ The supervisor's part:
   ``node_failure``, the node's reason and the tail of its log.
 
 Where the group runs is a :class:`Backend` (``submit / status / delete / logs``):
-:class:`KubernetesBackend` submits a JobSet (``workers.jobset``) through the Kubernetes API; a local
-backend (process groups on this machine, one per node, running ``workers.jobset.rank_command`` with a
-localhost rendezvous) plugs into the same supervision path.
+:class:`KubernetesBackend` submits a JobSet (``workers.jobset``) through the Kubernetes API;
+``workers.local_backend.LocalBackend`` (process groups on this machine, one per node, running
+``workers.jobset.rank_command`` with a localhost rendezvous) plugs into the same supervision path.
+``workers.multinode`` picks one and runs the supervisor for a claimed job.
+
+A rank that loses a peer records nothing and exits non-zero (``workers.runner.lost_peer``), so a lost
+node always reaches this supervisor as a failed node; a recipe error (rank 0 fails the job) does not
+restart anything.
 """
 
 from __future__ import annotations
@@ -206,6 +211,10 @@ class JobSetSupervisor:
                 if attempt.stop is not None:  # stopping anyway: a rank that died on the way changes nothing
                     self._remove()
                     return self._after_exit(attempt.stop)
+                ended = self._status()
+                if ended != "running":  # rank 0 recorded the end (a recipe error fails the job, not a node)
+                    self._remove()
+                    return ended
                 raise self._failure(status, phase)
             if attempt.stop is None:
                 attempt.stop = self._stop_request()
