@@ -55,18 +55,26 @@ def run_recipe(root: Path, run: dict[str, Any], model_cache: Path) -> dict[str, 
         ctx.resume_from = (int(run["resume_from"][0]), str(run["resume_from"][1]))
     module, _, name = target.partition(":")
     recipe = getattr(importlib.import_module(module), name)(ctx)
-    recipe.setup()
+    saved = {k: os.environ.get(k) for k in run.get("env") or {}}
+    os.environ.update(run.get("env") or {})  # e.g. ALIGND_MIXED_PRECISION, read by setup
     try:
+        recipe.setup()
         from torch.distributed.fsdp import FSDPModule
 
         sharded = {name: isinstance(getattr(recipe, name, None), FSDPModule)
                    for name in ("policy", "scorer", "reference")}
+        dtypes = sorted({str(p.dtype) for p in recipe.model.parameters()})
         result = recipe.train()
     finally:
         recipe.cleanup()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return {"status": result.status, "steps": reporter.steps, "checkpoints": reporter.checkpoints,
             "adapter_key": result.adapter_key, "resumed_at": reporter.resumed_at, "sharded": sharded,
-            "metrics": reporter.metrics}
+            "metrics": reporter.metrics, "param_dtypes": dtypes}
 
 
 def main(argv: list[str]) -> int:
