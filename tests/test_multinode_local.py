@@ -137,3 +137,32 @@ def test_multinode_fsdp_a_killed_node_fails_the_attempt_and_the_job_resumes(
     while (_node_agent(job["id"], 0) or _node_agent(job["id"], 1)) and time.time() < gone:
         time.sleep(0.5)
     assert _node_agent(job["id"], 0) is None and _node_agent(job["id"], 1) is None  # nothing left running
+
+
+def test_multinode_pause_checkpoints_removes_the_nodes_and_resume_resubmits(
+        live: LiveService, one_process: tuple[str, dict[str, Any]]) -> None:
+    file_id, jobs = one_process
+    job = live.create_job(dpo_job(file_id, {"nodes": 2, "gpus_per_node": 1}))
+    deadline = time.time() + 600
+    while live.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
+        assert time.time() < deadline, live.log.read_text()[-4000:]
+        time.sleep(0.2)
+    assert live.api.client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause", headers=live.headers).status_code == 200
+    paused = wait_for_job(live.get, job["id"], timeout=300, until={"paused", "failed"})
+    assert paused["status"] == "paused", paused["error"]
+    step = paused["progress"]["step"]
+    gone = time.time() + 60
+    while (_node_agent(job["id"], 0) or _node_agent(job["id"], 1)) and time.time() < gone:
+        time.sleep(0.5)
+    assert _node_agent(job["id"], 0) is None and _node_agent(job["id"], 1) is None  # paused: no node holds anything
+    checkpoints = live.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints?limit=50").json()["data"]
+    assert step in [c["step_number"] for c in checkpoints]  # the pause checkpointed the step it stopped at
+    assert live.api.client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume", headers=live.headers).status_code == 200
+    final = wait_for_job(live.get, job["id"], timeout=900)
+    assert final["status"] == "succeeded", (final["error"], live.log.read_text()[-4000:])
+    log = [e["message"] for e in events(live, job["id"])]
+    assert sum(m == f"Submitted {job['id']}: 2 nodes × 1 GPUs" for m in log) == 2
+    assert f"resumed from step {step}" in log
+    loss = series(live, job["id"], "loss")
+    assert [s for s, _ in loss] == list(range(1, STEPS + 1))
+    assert [v for _, v in loss] == pytest.approx([v for _, v in series(live, jobs["lora"]["id"], "loss")], abs=1e-5)
