@@ -46,8 +46,14 @@ what the recipes actually do:
 * **Overhead**: 1 GiB for the CUDA context and allocator fragmentation.
 
 Multi-GPU: DDP (the default) replicates all of the above on every device, with the batch split.
-FSDP (``FULL_SHARD``, chosen for full fine-tunes that DDP cannot fit) divides weights, gradients
-and optimizer state by N and keeps activations per device.
+FSDP (chosen for full fine-tunes that DDP cannot fit) divides weights, gradients and optimizer state
+by N and keeps activations per device. The recipes that shard (SFT, reward model, DPO:
+``workers.fsdp``, FSDP2) do so with fp32 master weights (``FSDP2_PRECISION``): per parameter and
+rank, every copy's weights 4/N bytes (the frozen DPO reference is sharded too), fp32 gradients and
+AdamW moments 12/N; on top, what is unsharded at a time (``fsdp_gather``, bf16: two decoder layers,
+the one computing and the one prefetched, plus one embedding-sized unit, the root's tied
+embeddings or the untied embedding or LM head) and the gradients of the largest unit before their
+fp32 reduce-scatter (``fsdp_reduce``: bf16 and the fp32 copy, 6 bytes a parameter).
 
 Multi-node (``resources.nodes`` = M > 1, ``gpus_per_node`` = G): the same arithmetic over a world of
 M×G ranks. A full fine-tune is sharded with FSDP across all M×G ranks (weights, gradients and
@@ -94,6 +100,11 @@ class Precision:
 RECIPE_PRECISION = Precision("recipe: bf16 weights, AdamW state in the parameter dtype, fp32 LoRA")
 AMP_FP32_MASTER = Precision("amp: bf16 copy + fp32 master, fp32 grad and fp32 AdamW state",
                             full_trainable_extra=16)
+FSDP2_PRECISION = Precision("fsdp2: fp32 sharded master weights, fp32 grad and AdamW state; bf16 gathers",
+                            weight=4, full_trainable_extra=12)
+#: Methods whose recipes shard a full fine-tune with FSDP2 (``workers.fsdp``)
+FSDP2_METHODS = frozenset({"supervised", "reward_model", "dpo"})
+FP32 = 4
 
 #: (LoRA copies, full copies, trainable models) per method; see the module docstring.
 METHOD_COPIES: dict[str, tuple[int, int, int]] = {
@@ -241,6 +252,9 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
         raise ValueError(f"unknown method {job.method!r}")
     strategy = strategy or ("single" if devices == 1 else "ddp")
     shard = devices if strategy == "fsdp" else 1
+    fsdp2 = strategy == "fsdp" and not job.lora and job.method in FSDP2_METHODS
+    if fsdp2 and precision is RECIPE_PRECISION:
+        precision = FSDP2_PRECISION
     params = model.parameters()
     lora_copies, full_copies, trainable_models = METHOD_COPIES[job.method]
     copies = lora_copies if job.lora else full_copies
@@ -275,12 +289,20 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
     if job.method in ("ppo", "reinforcement"):  # generation: batch_size x group_size sequences for RFT
         rollouts = math.ceil(job.rollout_batch_size / devices)
         components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token()
-    if strategy == "fsdp":  # one layer gathered in full (and the next prefetched)
+    if fsdp2:
+        components |= fsdp2_unsharded(model)
+    elif strategy == "fsdp":  # one layer gathered in full (and the next prefetched)
         components["fsdp_gather"] = 2 * model.layer_parameters() * precision.weight
     return MemoryEstimate(bytes=sum(components.values()), devices=devices, strategy=strategy,
                           parameters=params, trainable_parameters=trainable, model_copies=copies,
                           sequence_length=seq, components=components, precision=precision.name,
                           nodes=nodes)
+
+
+def fsdp2_unsharded(model: ModelShape) -> dict[str, int]:
+    """What FSDP2 holds unsharded on a rank at a time, beyond its shards (module docstring)."""
+    layer, embedding = model.layer_parameters(), model.vocab_size * model.hidden_size
+    return {"fsdp_gather": (2 * layer + embedding) * BF16, "fsdp_reduce": max(layer, embedding) * (BF16 + FP32)}
 
 
 # --------------------------------------------------------------------------- model configs

@@ -34,7 +34,7 @@ from service.jobs.spec import (
 )
 from service.settings import Settings
 from tests.conftest import MODEL_CACHE, PREFERENCE_ROWS
-from workers.checkpoints import final_adapter_key
+from workers.archives import final_adapter_key
 from workers.context import JobFailure, ModelRef
 from workers.local import local_context, method_of
 from workers.loop import make_optimizer

@@ -116,4 +116,5 @@ def test_ranks_rebuild_the_workers_settings(tmp_path: object, monkeypatch: pytes
     assert ddp[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in ddp
     assert ddp[-3:] == ["-m", "workers.launch", "ftjob-x"] and ddp[ddp.index("--num_processes") + 1] == "4"
     fsdp = launch_command("ftjob-x", 4, "fsdp", 29500)
-    assert "--use_fsdp" in fsdp and "FULL_SHARD" in fsdp and "--multi_gpu" not in fsdp
+    # FSDP2 is the recipe's (workers.fsdp, from the job's strategy), not accelerate's FSDP1 plugin
+    assert fsdp == ddp and not any(arg.startswith("--fsdp") or arg == "--use_fsdp" for arg in fsdp)

@@ -47,6 +47,7 @@ class Script:
     fail_node: int | None = None  # this node's pod fails at training tick ``fail_at``
     fail_at: int = 1
     obeys_flags: bool = True      # rank 0 reads cancel/pause (False: stuck in a long step)
+    recipe_error_at: int | None = None  # rank 0 fails the job at this step (exit 0), the others exit 1
 
 
 @dataclass
@@ -91,6 +92,10 @@ class FakeCluster:
                 g.phases = ["succeeded"] * NODES
                 return
             g.step += 1
+            if g.step == g.script.recipe_error_at:  # what workers.launch does on a recipe error
+                repo.finish("failed", error={"code": "nan_loss", "param": None, "message": "loss became nan"})
+                g.phases = ["succeeded"] + ["failed"] * (NODES - 1)
+                return
             repo.progress(step=g.step, total_steps=g.script.steps)
             if g.step % 2 == 0:
                 repo.add_checkpoint(g.step, {}, f"jobs/{job.id}/step_{g.step}")
@@ -314,6 +319,19 @@ def test_multinode_a_failed_node_restarts_the_group_from_the_latest_checkpoint(r
     assert restart["level"] == "warn" and restart["data"]["resume_step"] == 4
     with session_scope(api.state.sessions) as session:
         assert JobRunRepository(session, job_id).job().restarts == 1
+
+
+def test_multinode_a_recipe_error_recorded_by_rank_0_ends_the_job_without_a_restart(running_job: Any) -> None:
+    """The other ranks exit non-zero after rank 0 failed the job: a failed node, but nothing to retry."""
+    api, headers, job_id = running_job
+    cluster, clock = FakeCluster(api.state.sessions, [Script(steps=10, recipe_error_at=3), Script()]), Clock()
+    assert supervisor(api, job_id, cluster, clock).run() == "failed"
+    assert cluster.submitted == [job_id] and cluster.groups == {}
+    failed = job(api, headers, job_id)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "nan_loss"
+    assert not any("Restarting" in m for m in messages(api, headers, job_id))
+    with session_scope(api.state.sessions) as session:
+        assert JobRunRepository(session, job_id).job().restarts == 0
 
 
 def test_multinode_repeated_node_failures_fail_the_job_after_max_restarts(running_job: Any) -> None:

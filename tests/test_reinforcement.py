@@ -26,7 +26,7 @@ from service.graders import parse_grader
 from service.jobs.spec import LoraTraining, Method, ReinforcementHyperparameters, ReinforcementMethod
 from service.settings import Settings
 from tests.conftest import MODEL_CACHE
-from workers.checkpoints import final_adapter_key
+from workers.archives import final_adapter_key
 from workers.local import MemoryReporter, local_context
 
 TINY = "tiny-random-llama"

@@ -319,22 +319,25 @@ def test_multinode_queues_parse(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def test_multinode_full_fine_tune_shards_weights_and_adam_over_every_rank() -> None:
-    """2 nodes × 8 GPUs: FSDP over 16 ranks, so the two bf16 copies and the bf16 AdamW state are a
-    sixteenth each; a pair per rank (batch 16 over 16 ranks)."""
+    """2 nodes × 8 GPUs: FSDP2 over 16 ranks, so the two fp32 copies (policy and the sharded frozen
+    reference) and the fp32 gradients and AdamW moments are a sixteenth each; a pair per rank
+    (batch 16 over 16 ranks); two bf16 layers and the bf16 embedding (or head) gathered at a time."""
     job = JobShape("dpo", lora=False, batch_size=16, max_length=512)
     placed = place(MN_QUEUES, LLAMA2_7B, job, devices=8, nodes=2)
     e = placed.estimate
     assert placed.queue.name == "gpu-80g-multinode" and e is not None
     assert (e.strategy, e.devices, e.nodes) == ("fsdp", 16, 2)
     assert e.components == {
-        "weights": 1_684_603_904,          # 2 copies × 6,738,415,616 × 2 B / 16
-        "trainable_state": 2_526_905_856,  # 6 B × 6,738,415,616 / 16
+        "weights": 3_369_207_808,          # 2 copies × 6,738,415,616 × 4 B (fp32 masters) / 16
+        "trainable_state": 5_053_811_712,  # (4 B fp32 gradient + 8 B fp32 AdamW m, v) × 6,738,415,616 / 16
         "activations": 5_301_600_256,      # 1 pair = 2 × 512 tokens × 32 layers × 161,792 B
         "logits": 163_840_000,             # 512 completion tokens × 32000 × 10 B
         "overhead": OVERHEAD,
-        "fsdp_gather": 2 * LAYER7B * 2,    # one layer gathered, the next prefetched
+        # one layer computing, the next prefetched, one 32000 × 4096 embedding or head: bf16
+        "fsdp_gather": (2 * LAYER7B + 131_072_000) * 2,
+        "fsdp_reduce": LAYER7B * 6,        # a layer's bf16 gradients and their fp32 copy to reduce-scatter
     }
-    assert e.bytes == 11_560_225_280
+    assert e.bytes == 17_248_179_200
     one_node = estimate_memory(LLAMA2_7B, job, devices=8, strategy="fsdp")
     assert one_node.components["weights"] == 2 * e.components["weights"]  # 8 ranks share, not 16
 
@@ -408,8 +411,8 @@ def test_multinode_job_is_routed_estimated_and_shown(multinode_api: Api) -> None
     assert estimate["resources"] == {"gpus": 16, "nodes": 2, "gpus_per_node": 8, "strategy": "fsdp"}
     assert estimate["queue"] == "gpu-80g-multinode"
     assert estimate["memory"]["devices"] == 16 and estimate["memory"]["nodes"] == 2
-    # a sixteenth of the two bf16 copies, as in the estimate by hand above
-    assert estimate["memory"]["components"]["weights"] == 1_684_603_904
+    # a sixteenth of the two fp32 copies, as in the estimate by hand above
+    assert estimate["memory"]["components"]["weights"] == 3_369_207_808
     r = api.client.post("/v1/fine_tuning/jobs", headers=headers, json=body)
     assert r.status_code == 200, r.text
     job = r.json()

@@ -32,8 +32,8 @@ from service.jobs.spec import LoraTraining, PpoHyperparameters
 from service.settings import Settings
 from service.storage import LocalStore
 from tests.conftest import MODEL_CACHE
+from workers.archives import final_adapter_key, store_dir_archive
 from workers.batching import left_pad
-from workers.checkpoints import final_adapter_key, store_dir_archive
 from workers.context import JobFailure, ModelRef
 from workers.data import normalize_prompt, prompt_ids
 from workers.local import MemoryReporter, local_context, method_of

@@ -17,14 +17,16 @@ read with ``weights_only=True``: no pickled code is ever executed.
 
 What a model's weights are is the recipe's business (one adapter, several adapters and a head, full
 weights): it hands a :class:`Weights` to the loop, which calls it for every checkpoint and resume.
-Under several ranks only rank 0 writes.
+Under several ranks only rank 0 writes. A sharded (FSDP) full fine-tune's checkpoints are sharded
+instead, model and optimizer in ``torch.distributed.checkpoint`` files beside a small archive
+(``workers.sharded_checkpoints``); ``load_resume_point`` reads either kind, a sharded one onto any
+number of ranks.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,58 +35,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from workers.archives import STATE_FILE, checkpoint_key, fetch_adapter, store_dir_archive
 from workers.distributed import is_main_process
+from workers.sharded_checkpoints import (
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from service.storage import ObjectStore
     from workers.context import JobContext
-
-STATE_FILE = "training_state.pt"
-
-
-def checkpoint_key(job_id: str, step: int, *, attempt: int) -> str:
-    return f"jobs/{job_id}/attempt_{attempt}/step_{step}/adapter.tar.gz"
-
-
-def final_adapter_key(job_id: str, *, attempt: int) -> str:
-    return f"jobs/{job_id}/attempt_{attempt}/adapter.tar.gz"
-
-
-# --------------------------------------------------------------------------- archives
-
-
-def archive_dir(directory: Path, archive: Path) -> Path:
-    """Files at the archive's top level, so extracting gives a directory peft loads directly."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(directory)))
-    return archive
-
-
-def store_dir_archive(store: ObjectStore, directory: Path, key: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = archive_dir(directory, Path(tmp) / "adapter.tar.gz")
-        store.put_file(key, archive)
-    return key
-
-
-def extract_archive(archive: Path, target: Path) -> Path:
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(target, filter="data")
-    return target
-
-
-def fetch_adapter(store: ObjectStore, key: str, target: Path) -> Path:
-    """The archive at ``key`` extracted into ``target`` (an adapter or a full model directory)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "adapter.tar.gz"
-        store.download_file(key, local)
-        return extract_archive(local, target)
-
 
 # --------------------------------------------------------------------------- weights
 
@@ -145,14 +108,27 @@ class ModelWeights:
         restore_weights(self.model, directory)
 
 
+def is_collective(weights: Weights) -> bool:
+    """Weights spread over the ranks (FSDP): every rank takes part in writing them (the gather)."""
+    return bool(getattr(weights, "collective", False))
+
+
+def is_sharded(weights: Weights) -> bool:
+    """Weights whose checkpoints are sharded (``workers.sharded_checkpoints``), optimizer state included."""
+    return bool(getattr(weights, "sharded", False))
+
+
 def save_archive(ctx: JobContext, weights: Weights, key: str, state: dict[str, Any] | None = None) -> str:
-    """``weights`` (plus a training state, for a checkpoint) archived to ``key``; rank 0 writes."""
-    if not is_main_process():
+    """``weights`` (plus a training state, for a checkpoint) archived to ``key``; rank 0 writes
+    (collective weights are gathered by every rank first)."""
+    if not is_main_process() and not is_collective(weights):
         return key
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
         weights.write(out)
+        if not is_main_process():
+            return key
         if state is not None:
             torch.save(state, out / STATE_FILE)
         store_dir_archive(ctx.store, out, key)
@@ -163,7 +139,10 @@ def save_archive(ctx: JobContext, weights: Weights, key: str, state: dict[str, A
 def save_checkpoint(ctx: JobContext, weights: Weights, step: int, metrics: dict[str, float],
                     state: dict[str, Any]) -> str:
     """A resumable checkpoint of ``step``, then its row (the row only once the archive is complete)."""
-    key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step, attempt=ctx.attempt), state)
+    if is_sharded(weights):
+        key = save_sharded_checkpoint(ctx, weights, step, state)  # type: ignore[arg-type]
+    else:
+        key = save_archive(ctx, weights, checkpoint_key(ctx.job_id, step, attempt=ctx.attempt), state)
     ctx.reporter.checkpoint(step, metrics, key)
     return key
 
@@ -197,7 +176,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def capture_state(*, step: int, tokens: int, metrics: dict[str, float], optimizer: Any, scheduler: Any,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"step": step, "tokens": tokens, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
+    """``optimizer`` None: its state is saved elsewhere (a sharded checkpoint's shards)."""
+    return {"step": step, "tokens": tokens, "metrics": dict(metrics),
+            **({"optimizer": optimizer.state_dict()} if optimizer is not None else {}),
             "scheduler": scheduler.state_dict(), **capture_rng(), "extra": extra or {}}
 
 
@@ -207,9 +188,12 @@ def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer:
     (the recipe's ``extra`` state included, for the caller to hand back)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         directory = fetch_adapter(store, key, Path(tmp) / "checkpoint")
-        weights.restore(directory)
         state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(directory):  # model and optimizer from the shards, onto any world size
+            load_sharded_checkpoint(store, directory, weights.model, optimizer)  # type: ignore[attr-defined]
+        else:
+            weights.restore(directory)
+            optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state)
     return state

@@ -95,6 +95,9 @@ class JobContext:
     attempt: int = 0
     #: model references named by the spec, by field name (``reward_model``, ``judge``)
     references: dict[str, ModelRef] = field(default_factory=dict)
+    #: how the ranks share the model (``resources.strategy``: single, ddp, fsdp); ``workers.fsdp``
+    #: shards a full fine-tune when it is ``fsdp`` and there are several ranks
+    strategy: str = "single"
 
     @property
     def hyperparameters(self) -> CommonHyperparameters:

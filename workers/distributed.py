@@ -62,6 +62,28 @@ def combine_ranks(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
     return combined
 
 
+#: What a collective raises when a peer went away: gloo's transport errors (``Connection closed by
+#: peer``, ``Connection reset``, its timeouts), NCCL's aborted communicators and watchdog timeouts.
+_LOST_PEER_MARKERS = ("gloo/transport/", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """``exc`` (or what caused it) is torch.distributed failing because another rank is gone."""
+    torch = sys.modules.get("torch")
+    dist_error = getattr(getattr(torch, "distributed", None), "DistError", None) if torch is not None else None
+    seen: BaseException | None = exc
+    for _ in range(8):  # the exception and its causes
+        if seen is None:
+            return False
+        if dist_error is not None and isinstance(seen, dist_error):
+            return True
+        if any(marker in str(seen) for marker in _LOST_PEER_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def shard_batches(batches: list[list[int]]) -> list[list[int]]:
     """This rank's slice (``batch[rank::world]``) of every global batch; unchanged for one process.
 

@@ -51,6 +51,9 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"      # set by the JobSet controller on its pods
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # set by the Job controller (Indexed)
 JOB_ID_LABEL = "alignd.dev/job-id"
+#: Set on every rank of a multi-node job (the pod's completion index, or the local node group's
+#: number): a rank that loses a peer leaves the restart to the supervisor (``workers.runner.lost_peer``).
+NODE_RANK_ENV = "ALIGND_NODE_RANK"
 GROUP_LABEL = "alignd.dev/jobset"
 REPLICATED_JOB = "node"
 CONTAINER = "rank"
@@ -204,7 +207,7 @@ def pod_template(job_id: str, name: str, *, nodes: int, gpus_per_node: int, conf
     """The pod every rank of the job runs in (a ``PodTemplateSpec``)."""
     endpoint = f"{leader_address(name, config)}:{config.rdzv_port}"
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
-           {"name": "ALIGND_NODE_RANK",
+           {"name": NODE_RANK_ENV,
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}},
            *({"name": k, "value": v} for k, v in config.env)]
     resources = {"cpu": config.cpu, "memory": config.memory, GPU: str(gpus_per_node)}

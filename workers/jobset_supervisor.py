@@ -21,13 +21,19 @@ The supervisor's part:
   ``node_failure``, the node's reason and the tail of its log.
 
 Where the group runs is a :class:`Backend` (``submit / status / delete / logs``):
-:class:`KubernetesBackend` submits a JobSet (``workers.jobset``) through the Kubernetes API; a local
-backend (process groups on this machine, one per node, running ``workers.jobset.rank_command`` with a
-localhost rendezvous) plugs into the same supervision path.
+:class:`KubernetesBackend` submits a JobSet (``workers.jobset``) through the Kubernetes API;
+``workers.local_backend.LocalBackend`` (process groups on this machine, one per node, running
+``workers.jobset.rank_command`` with a localhost rendezvous) plugs into the same supervision path.
+``workers.multinode`` picks one and runs the supervisor for a claimed job.
+
+A rank that loses a peer records nothing and exits non-zero (``workers.runner.lost_peer``), so a lost
+node always reaches this supervisor as a failed node; a recipe error (rank 0 fails the job) does not
+restart anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -51,6 +57,7 @@ from workers.jobset import (
     inherit_from_pod,
     jobset_name,
 )
+from workers.launch import ATTEMPT_ENV
 from workers.reporting import Reporter
 
 log = logging.getLogger("alignd.worker")
@@ -67,6 +74,8 @@ class RankGroup:
     name: str
     nodes: int
     gpus_per_node: int
+    #: the claim's attempt: every rank's writes are fenced on it (``workers.launch.ATTEMPT_ENV``)
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ class JobSetSupervisor:
     def __init__(self, backend: Backend, sessions: sessionmaker[Session], job_id: str, *, nodes: int,
                  gpus_per_node: int, max_restarts: int | None = None,
                  timeouts: SupervisorTimeouts | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, attempt: int | None = None) -> None:
         if max_restarts is None:
             from service.reconciler import ReconcilerSettings
 
@@ -154,12 +163,13 @@ class JobSetSupervisor:
         self.backend = backend
         self.sessions = sessions
         self.job_id = job_id
-        self.group = RankGroup(job_id, jobset_name(job_id, nodes), nodes, gpus_per_node)
+        self.attempt = attempt
+        self.group = RankGroup(job_id, jobset_name(job_id, nodes), nodes, gpus_per_node, attempt)
         self.max_restarts = max_restarts
         self.timeouts = timeouts or SupervisorTimeouts()
         self.clock = clock
         self.sleep = sleep
-        self.reporter = Reporter(sessions, job_id)
+        self.reporter = Reporter(sessions, job_id, attempt)
 
     # ----------------------------------------------------------------------------- the job's life
 
@@ -171,7 +181,7 @@ class JobSetSupervisor:
                 return self._attempt()
             except _Retry as failed:
                 with session_scope(self.sessions) as session:
-                    repo = JobRunRepository(session, self.job_id)
+                    repo = JobRunRepository(session, self.job_id, self.attempt)
                     restarts = repo.count_restart()
                     checkpoint = repo.latest_checkpoint()
                 if restarts > self.max_restarts:
@@ -206,6 +216,10 @@ class JobSetSupervisor:
                 if attempt.stop is not None:  # stopping anyway: a rank that died on the way changes nothing
                     self._remove()
                     return self._after_exit(attempt.stop)
+                ended = self._status()
+                if ended != "running":  # rank 0 recorded the end (a recipe error fails the job, not a node)
+                    self._remove()
+                    return ended
                 raise self._failure(status, phase)
             if attempt.stop is None:
                 attempt.stop = self._stop_request()
@@ -329,7 +343,7 @@ class JobSetSupervisor:
     def _record_stop(self, reason: str) -> str:
         """The end state of a job whose ranks were stopped (or deleted) on request."""
         with session_scope(self.sessions) as session:
-            repo = JobRunRepository(session, self.job_id)
+            repo = JobRunRepository(session, self.job_id, self.attempt)
             if reason == "pause":
                 repo.mark_paused()
             checkpoint = repo.latest_checkpoint()
@@ -343,7 +357,7 @@ class JobSetSupervisor:
     def _fail(self, code: str, message: str, data: dict[str, Any]) -> str:
         self.reporter.event(f"Job failed: {message}", level="error", data={**data, "code": code})
         with session_scope(self.sessions) as session:
-            repo = JobRunRepository(session, self.job_id)
+            repo = JobRunRepository(session, self.job_id, self.attempt)
             repo.finish("failed", error={"code": code, "param": None,
                                          "message": f"{message}\n{data.get('output', '')}".strip()[-1000:]})
             return repo.job().status
@@ -433,7 +447,10 @@ class KubernetesBackend:
         return getattr(exc, "status", None) == 404
 
     def submit(self, group: RankGroup) -> None:
-        body = build_jobset(group.job_id, nodes=group.nodes, gpus_per_node=group.gpus_per_node, config=self.config)
+        config = self.config
+        if group.attempt is not None:  # the ranks' writes are fenced on the claim's attempt
+            config = dataclasses.replace(config, env=(*config.env, (ATTEMPT_ENV, str(group.attempt))))
+        body = build_jobset(group.job_id, nodes=group.nodes, gpus_per_node=group.gpus_per_node, config=config)
         self.custom.create_namespaced_custom_object(JOBSET_GROUP, JOBSET_VERSION, self.config.namespace,
                                                     JOBSET_PLURAL, body)
 

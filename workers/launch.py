@@ -2,14 +2,15 @@
 
 ``supervise`` (in the Celery worker, after the claim) starts::
 
-    accelerate launch --num_processes N --multi_gpu|--use_fsdp ... -m workers.launch <job_id>
+    accelerate launch --num_processes N --multi_gpu ... -m workers.launch <job_id>
 
 in its own process group and watches it:
 
 * every rank runs the same recipe (``workers.runner.run_claimed``); data parallelism comes from accelerate
-  (``Accelerator.prepare`` wraps the model in DDP, or FSDP for a full fine-tune the estimate could
-  not fit on one GPU) and from ``workers.data.length_bucketed_batches`` giving each rank its slice
-  of every global batch;
+  (``Accelerator.prepare`` wraps the model in DDP) or, for a full fine-tune whose strategy is ``fsdp``
+  (one the estimate could not fit on one GPU), from the recipe itself (``workers.fsdp``: FSDP2's
+  ``fully_shard``; the launcher is the same ``--multi_gpu`` one), and from
+  ``workers.data.length_bucketed_batches`` giving each rank its slice of every global batch;
 * only rank 0 writes to the database and the object store (``Reporter``, ``save_model_archive``);
   the step metrics it writes are combined over all ranks (``workers.distributed``);
 * cancel and pause: rank 0 reads the request and every rank stops at the same step; if the group
@@ -80,14 +81,10 @@ def launch_command(job_id: str, gpus: int, strategy: str, port: int) -> list[str
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
            "--dynamo_backend", "no"]
-    if strategy == "fsdp":
-        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
-                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                "--fsdp_state_dict_type", "FULL_STATE_DICT",
-                "--fsdp_use_orig_params", "true", "--fsdp_sync_module_states", "true"]
-    else:
-        cmd += ["--multi_gpu"]
-    return [*cmd, "-m", "workers.launch", job_id]
+    # FSDP is not accelerate's here: the recipe shards the model itself from the job's strategy
+    # (``workers.fsdp``), the same way under accelerate launch as under torchrun on several nodes.
+    del strategy
+    return [*cmd, "--multi_gpu", "-m", "workers.launch", job_id]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -177,10 +174,13 @@ def supervise(state: AppState, job_id: str, reporter: Reporter, resources: dict[
 def main(argv: list[str] | None = None) -> int:
     """One rank: the same recipe run as ``alignd.train`` runs it, minus the claim (the supervisor did it)."""
     from workers.distributed import is_main_process
-    from workers.runner import run_claimed
+    from workers.runner import INTERRUPTED, run_claimed
 
     args = sys.argv[1:] if argv is None else argv
     job_id = args[0]
+    # torchrun starts each rank in a session of its own: without this, a rank whose launcher was
+    # killed (SIGKILL of its process group, a lost node's agent) would train on, alone, as an orphan.
+    _die_with_parent()
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(message)s")
     state = AppState(Settings.from_env())
@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("job %s: rank %s ended %s", job_id, os.environ.get("RANK", "0"), status)
     # A rank that failed exits non-zero so torchrun takes the group down; rank 0 recorded the error.
+    # A rank of a multi-node job that lost a peer recorded nothing: its node fails, and the
+    # supervisor restarts the attempt from the latest checkpoint.
+    if status == INTERRUPTED:
+        return 1
     return 1 if status == "failed" and not is_main_process() else 0
 
 

@@ -18,6 +18,7 @@ from service.jobs.spec import CommonHyperparameters, Method, TrainingType
 from service.settings import Settings
 from service.storage import LocalStore
 from workers.context import JobContext, ModelRef
+from workers.distributed import gather_metrics
 
 
 @dataclass
@@ -47,6 +48,7 @@ class MemoryReporter:
         self.events.append((message, level, data))
 
     def step(self, step: int, total_steps: int, values: dict[str, float], *, trained_tokens: int) -> None:
+        values = gather_metrics(values)  # combined over the ranks, as the database reporter does
         self.done = step
         self.stamps.append(time.perf_counter())
         self.steps.append((step, dict(values)))
@@ -55,7 +57,7 @@ class MemoryReporter:
             self.on_step(step, values)
 
     def metrics_only(self, step: int, values: dict[str, float]) -> None:
-        self.metrics.append((step, dict(values)))
+        self.metrics.append((step, dict(gather_metrics(values))))
 
     def progress(self, *, step: int, total_steps: int) -> None:
         self.done = step
@@ -92,8 +94,11 @@ def local_context(workdir: Path, *, model: str, method: Method, training_type: T
                   seed: int = 0, settings: Settings | None = None, store: LocalStore | None = None,
                   reporter: MemoryReporter | None = None, job_id: str = "ftjob-local",
                   references: dict[str, ModelRef] | None = None,
-                  parent_adapter_keys: list[str] | None = None) -> JobContext:
-    """A context for ``model`` (a registry base) whose files live in ``workdir/objects``."""
+                  parent_adapter_keys: list[str] | None = None, strategy: str = "single") -> JobContext:
+    """A context for ``model`` (a registry base) whose files live in ``workdir/objects``.
+
+    Several ranks (torchrun) may each build one over the same ``store``; ``strategy="fsdp"`` then
+    shards a full fine-tune (``workers.fsdp``), and every rank's reporter sees the combined metrics."""
     store = store or LocalStore(workdir / "objects")
     training_key = write_jsonl(store, f"files/{job_id}-train", training_rows)
     validation_key = (write_jsonl(store, f"files/{job_id}-validation", validation_rows)
@@ -103,7 +108,7 @@ def local_context(workdir: Path, *, model: str, method: Method, training_type: T
                       training_type=training_type, seed=seed, suffix=None, training_file_key=training_key,
                       validation_file_key=validation_key, settings=settings or Settings.from_env(workdir / "data"),
                       store=store, reporter=reporter or MemoryReporter(), workdir=workdir,
-                      references=dict(references or {}))
+                      references=dict(references or {}), strategy=strategy)
 
 
 def method_of(kind: str, hp: CommonHyperparameters) -> Method:

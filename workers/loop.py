@@ -33,21 +33,31 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 from transformers import get_scheduler
 
 from service.jobs.spec import CommonHyperparameters
-from workers.checkpoints import Weights, capture_state, final_adapter_key, load_resume_point, save_archive
+from workers import fsdp
+from workers.archives import final_adapter_key
+from workers.checkpoints import (
+    Weights,
+    capture_state,
+    is_sharded,
+    load_resume_point,
+    save_archive,
+)
 from workers.checkpoints import save_checkpoint as write_checkpoint
 from workers.context import JobContext, JobFailure
 from workers.modeling import Precision
@@ -56,6 +66,7 @@ from workers.modeling import Precision
 MicroBatchFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float], int]]
 #: One whole step over its index batches -> (metrics incl. "loss", tokens processed).
 StepFn = Callable[[list[list[int]]], tuple[dict[str, float], int]]
+DISTRIBUTED_TIMEOUT_S = 600.0
 
 
 class Stateful(Protocol):
@@ -92,7 +103,16 @@ def make_accelerator(hp: CommonHyperparameters, precision: Precision | None = No
     if shared and shared.get("_mixed_precision") not in (None, mixed):
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=hp.gradient_accumulation_steps,
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False, kwargs_handlers=[process_group_timeout()])
+
+
+def process_group_timeout() -> InitProcessGroupKwargs:
+    """How long a collective waits for a missing rank before it fails (gloo and NCCL alike):
+    ``ALIGND_DISTRIBUTED_TIMEOUT`` seconds, 600 by default. A rank that died mostly fails its peers at
+    once (closed connections); this bounds the rest, e.g. a node that hangs. It must exceed the
+    longest time one rank works alone while the others wait: rank 0 uploading a checkpoint archive."""
+    seconds = float(os.environ.get("ALIGND_DISTRIBUTED_TIMEOUT") or DISTRIBUTED_TIMEOUT_S)
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
 
 
 @dataclass(frozen=True)
@@ -146,7 +166,8 @@ class Optimization:
     def step(self) -> dict[str, float]:
         """Clip, update, advance the schedule; returns ``grad_norm`` (before clipping) and the
         ``learning_rate`` this update used."""
-        norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        norm = (fsdp.clip_grad_norm_(self.accelerator, self.params, self.max_grad_norm)
+                if fsdp.is_sharded(self.params) else self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm))
         used = self.learning_rate()
         self.optimizer.step()
         self.scheduler.step()
@@ -261,7 +282,8 @@ def run_training(
     last: dict[str, float] = {}
 
     def checkpoint(at: int) -> None:
-        state = capture_state(step=at, tokens=tokens, metrics=last, optimizer=optim.optimizer,
+        state = capture_state(step=at, tokens=tokens, metrics=last,
+                              optimizer=None if is_sharded(weights) else optim.optimizer,  # sharded: in the shards
                               scheduler=optim.scheduler,
                               extra=extra_state.state_dict() if extra_state is not None else None)
         write_checkpoint(ctx, weights, at, {k: v for k, v in last.items() if k in checkpoint_metrics}, state)

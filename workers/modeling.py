@@ -1,5 +1,6 @@
 """The one place that builds models: loads a base, merges parent fine-tunes, chooses the precision,
-builds every ``LoraConfig`` and turns on activation checkpointing.
+builds every ``LoraConfig``, turns on activation checkpointing and decides whether a full fine-tune
+is sharded with FSDP2 (:func:`sharding_for`; the wrapping itself is ``workers.fsdp``).
 
 Every recipe (and PPO's value and reward adapters, and the reward-model classifier) goes through
 here, so a wrong ``target_modules`` gives the same ``invalid_training_type`` error for every method,
@@ -32,13 +33,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from service.jobs.spec import LoraTraining, TrainingType
-from workers.checkpoints import fetch_adapter
+from workers.archives import fetch_adapter
 from workers.context import JobFailure
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from service.storage import ObjectStore
+    from workers.fsdp import Sharding
 
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -158,6 +160,20 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     adapters (PPO's policy and value) must keep one active until its backward has run."""
     model.activation_checkpointing_enable()
     model.enable_input_require_grads()
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def sharding_for(strategy: str, training_type: TrainingType, precision: Precision,
+                 device: torch.device) -> Sharding | None:
+    """FSDP2 for a full fine-tune whose strategy is ``fsdp`` on several ranks (``workers.fsdp``), else
+    None: the model is then accelerate's to place (one device, or DDP)."""
+    from workers import fsdp
+
+    if not fsdp.wants_fsdp(strategy, training_type):
+        return None
+    return fsdp.Sharding.over_all_ranks(device, precision.mixed, precision.compute)
 
 
 # --------------------------------------------------------------------------- LoRA

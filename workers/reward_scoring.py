@@ -23,8 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers import batching as B
 from workers import data as D
+from workers.archives import fetch_adapter
 from workers.base_models import load_tokenizer, resolve_base_model
-from workers.checkpoints import fetch_adapter
 from workers.context import JobContext, ModelRef
 from workers.modeling import load_classifier_base, load_sequence_classifier
 

@@ -17,6 +17,7 @@ everything between the claim and the end state is here:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,6 +81,7 @@ def build_context(state: AppState, job_id: str, reporter: Reporter, workdir: Pat
             training_file_key=repo.file(job.training_file).storage_key, validation_file_key=validation_key,
             settings=state.settings, store=state.store, reporter=reporter, workdir=workdir, references=references,
             attempt=reporter.attempt or 0,
+            strategy=str((job.resources or {}).get("strategy") or "single"),
         )
     if not recipes.resumes(recipe):
         reporter.restart()
@@ -173,6 +175,22 @@ def _record_pause(state: AppState, job_id: str, reporter: Reporter) -> None:
     reporter.event(f"Job paused at step {step}; resume continues from this checkpoint", data={"step": step})
 
 
+#: What a rank of a multi-node job returns when it lost a peer: no end state was recorded, the
+#: supervisor restarts the attempt from the latest checkpoint.
+INTERRUPTED = "interrupted"
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A rank of a multi-node job (``workers.multinode``) failed because another rank or node went away.
+
+    Such an attempt is the supervisor's to restart (``JobSetSupervisor``), so the job must not be
+    failed here. Single-node jobs keep failing with the error, as before."""
+    from workers.distributed import lost_connection
+    from workers.jobset import NODE_RANK_ENV
+
+    return NODE_RANK_ENV in os.environ and lost_connection(exc)
+
+
 def run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
     """Run a claimed job to an end state; returns the status it ended in."""
     workdir = Path(tempfile.mkdtemp(prefix=f"alignd-{job_id}-"))
@@ -198,6 +216,8 @@ def run_claimed(state: AppState, job_id: str, reporter: Reporter) -> str:
         return "failed"
     except Exception as exc:  # noqa: BLE001 - every failure must end the job with a readable error
         log.exception("job %s failed", job_id)
+        if lost_peer(exc):
+            return INTERRUPTED
         if is_out_of_memory(exc):
             fail(reporter, state, job_id, out_of_memory_error(state, job_id))
         else:

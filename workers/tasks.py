@@ -1,5 +1,5 @@
 """The Celery front: the ``alignd.train`` task claims the job, keeps its heartbeat, and runs it in this
-process or as N ranks under ``accelerate launch``.
+process, as N ranks under ``accelerate launch``, or (several nodes) as a supervised node group.
 
 The task takes only a job id and reloads everything (``workers.runner``), so a redelivered or
 duplicated message is harmless: the claim (queued → running) lets exactly one delivery run, and its
@@ -18,6 +18,7 @@ from service.state import AppState
 from workers.celery_app import app, settings
 from workers.launch import supervise
 from workers.metrics_server import serve_worker_metrics
+from workers.multinode import run_multinode
 from workers.reporting import Heartbeat, Reporter
 from workers.runner import run_claimed
 
@@ -43,7 +44,8 @@ def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
     """Run one job to an end state; returns the status it ended in (or 'skipped').
 
     ``worker`` (the Celery node name) is recorded on the job: that worker's ``/metrics`` shows it.
-    A job with ``resources.gpus`` > 1 runs under ``accelerate launch`` (``workers.launch``)."""
+    A job with ``resources.gpus`` > 1 runs under ``accelerate launch`` (``workers.launch``); one with
+    ``resources.nodes`` > 1 is supervised as a node group (``workers.multinode``)."""
     state = worker_state(settings)
     with session_scope(state.sessions) as session:
         repo = JobRunRepository(session, job_id)
@@ -55,6 +57,8 @@ def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
     reporter = Reporter(state.sessions, job_id, attempt)
     try:
         with Heartbeat(reporter):
+            if int(resources.get("nodes") or 1) > 1:  # a node group (JobSet, or local process groups)
+                return run_multinode(state, job_id, resources, attempt)
             if int(resources.get("gpus") or 1) > 1:
                 return supervise(state, job_id, reporter, resources)
             return run_claimed(state, job_id, reporter)

@@ -2,7 +2,8 @@
 
 Features
 - Reference = the same base with adapters disabled (LoRA): one copy of the weights in memory.
-  Full fine-tunes keep a frozen copy as the reference (none with ``precompute_ref_log_probs``).
+  Full fine-tunes keep a frozen copy as the reference (none with ``precompute_ref_log_probs``);
+  under FSDP2 (strategy ``fsdp``, ``workers.fsdp``) it is sharded over the ranks like the policy.
 - Chosen and rejected run in one forward pass, and their shared prompt runs once: each pair is one
   row ``[prompt, chosen completion, rejected completion]`` whose attention mask keeps the two
   completions apart and whose position ids restart the rejected completion where the prompt ends
@@ -53,19 +54,12 @@ from service.jobs.spec import DpoHyperparameters, LoraTraining
 from service.storage import ObjectNotFound
 from workers import batching as B
 from workers import data as D
-from workers.checkpoints import ModelWeights
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.loop import Optimization, backward, gradient_step, make_optimizer, plan_steps, run_training, sync_if
+from workers.loop import backward, gradient_step, plan_steps, run_training, sync_if
 from workers.losses import dpo_loss, rpo_nll_loss
-from workers.modeling import (
-    apply_training_type,
-    causal_lm_of,
-    enable_activation_checkpointing,
-    load_base,
-    trainable_parameters,
-)
+from workers.modeling import apply_training_type, causal_lm_of, enable_activation_checkpointing, load_base
 from workers.pairs import LAYOUT_TOLERANCE, PairBatch, PairLogps, collate_plain, collate_shared, shared_layout_supported
-from workers.recipes.common import release, start
+from workers.recipes.common import prepare_frozen, prepare_training, release, result_weights, start
 
 CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
 
@@ -133,8 +127,8 @@ class DPORecipe:
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(base)
         self.reference: nn.Module | None = None
-        if not self.is_lora and not hp.precompute_ref_log_probs:
-            self.reference = PairLogps(copy.deepcopy(base).requires_grad_(False).eval())
+        frozen = (copy.deepcopy(base).requires_grad_(False).eval()
+                  if not self.is_lora and not hp.precompute_ref_log_probs else None)
         self.model = apply_training_type(base, ctx.training_type, ctx.seed)
         self.pairs = self._tokenize(ctx.read_jsonl(ctx.training_file_key), "training_file")
         self.eval_pairs = (self._tokenize(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
@@ -145,12 +139,10 @@ class DPORecipe:
         self.eval_batches = B.length_bucketed_batches([len(p) for p in self.eval_pairs], hp.batch_size,
                                                       seed=0, shuffle=False) if self.eval_pairs else []
         self.plan = plan_steps(len(self.batches_by_epoch[0]), hp)
-        params = trainable_parameters(self.model)
-        optimizer, scheduler = make_optimizer(params, hp, self.plan.total_steps)
-        self.policy, optimizer, scheduler = self.accelerator.prepare(PairLogps(self.model), optimizer, scheduler)
-        self.optim = Optimization(self.accelerator, optimizer, scheduler, params, hp.max_grad_norm)
-        if self.reference is not None:
-            self.reference = self.reference.to(self.accelerator.device)
+        self.policy, self.optim = prepare_training(begun, PairLogps(self.model), self.model, hp, self.plan.total_steps)
+        self.weights = result_weights(begun, self.model, self.tokenizer, self.optim)
+        if frozen is not None:  # sharded like the policy under FSDP
+            self.reference = prepare_frozen(begun, PairLogps(frozen), frozen)
         lm = causal_lm_of(self.model)
         self.mask_dtype = None if lm.config._attn_implementation == "sdpa" else lm.dtype
         self.shared_layout = self._check_shared_layout(lm)
@@ -346,7 +338,7 @@ class DPORecipe:
                 ctx.reporter.event("Training stopped: the job was cancelled", level="warn")
                 return TrainResult("cancelled", 0, {})
         result = run_training(ctx=ctx, hp=hp, model=self.policy, optim=self.optim,
-                              weights=ModelWeights(self.model, self.tokenizer),
+                              weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
                               step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
                               evaluate=self.evaluate if self.eval_pairs else None)
@@ -372,4 +364,4 @@ class DPORecipe:
         return result
 
     def cleanup(self) -> None:
-        release(self, "policy", "model", "reference", "optim", "stored_ref")
+        release(self, "policy", "model", "reference", "optim", "weights", "stored_ref")

@@ -18,6 +18,7 @@ Features
 - The final archive is the adapter (with the head) or the full classifier with its tokenizer; it is
   what a PPO job or a judge loads and scores through ``workers.reward_scoring``, whose
   ``SequenceScores`` is also the forward trained here.
+- Several ranks: DDP, or FSDP2 for a full fine-tune whose strategy is ``fsdp`` (``workers.fsdp``).
 
 Assumptions
 - Pairs are validated at upload and tokenised through ``workers.data`` exactly as for DPO (prompt
@@ -36,25 +37,11 @@ from torch import Tensor
 from service.jobs.spec import LoraTraining, RewardModelHyperparameters
 from workers import batching as B
 from workers import data as D
-from workers.checkpoints import ModelWeights
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.loop import (
-    Optimization,
-    accumulate,
-    example_weights,
-    gradient_step,
-    make_optimizer,
-    plan_steps,
-    run_training,
-)
+from workers.loop import accumulate, example_weights, gradient_step, plan_steps, run_training
 from workers.losses import bradley_terry_loss, reward_metrics
-from workers.modeling import (
-    apply_training_type,
-    enable_activation_checkpointing,
-    load_classifier_base,
-    trainable_parameters,
-)
-from workers.recipes.common import release, start
+from workers.modeling import apply_training_type, enable_activation_checkpointing, load_classifier_base
+from workers.recipes.common import prepare_training, release, result_weights, start
 from workers.reward_scoring import SequenceScores
 
 CHECKPOINT_METRICS = ("loss", "accuracy", "margin", "learning_rate")
@@ -106,10 +93,9 @@ class RewardModelRecipe:
         self.batches_by_epoch = [B.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
                                  for epoch in range(hp.n_epochs)]
         self.plan = plan_steps(len(self.batches_by_epoch[0]), hp)
-        params = trainable_parameters(self.model)
-        optimizer, scheduler = make_optimizer(params, hp, self.plan.total_steps)
-        self.scorer, optimizer, scheduler = self.accelerator.prepare(SequenceScores(self.model), optimizer, scheduler)
-        self.optim = Optimization(self.accelerator, optimizer, scheduler, params, hp.max_grad_norm)
+        self.scorer, self.optim = prepare_training(begun, SequenceScores(self.model), self.model, hp,
+                                                   self.plan.total_steps)
+        self.weights = result_weights(begun, self.model, self.tokenizer, self.optim)
 
     def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[D.TokenizedPair]:
         pairs, truncated = [], 0
@@ -154,7 +140,7 @@ class RewardModelRecipe:
                            f"{len(self.pairs)} pairs, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
         result = run_training(ctx=ctx, hp=hp, model=self.scorer, optim=self.optim,
-                              weights=ModelWeights(self.model, self.tokenizer),
+                              weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
                               step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
                               evaluate=self.evaluate if self.eval_pairs else None)
@@ -186,7 +172,7 @@ class RewardModelRecipe:
         return result
 
     def cleanup(self) -> None:
-        release(self, "scorer", "model", "optim")
+        release(self, "scorer", "model", "optim", "weights")
 
 
 __all__ = ["RewardModelRecipe", "pair_loss"]

@@ -13,6 +13,8 @@ Features
   every ``eval_every_steps`` and at the end.
 - Checkpoints every ``checkpoint_every_steps`` and at the end; the final archive is a peft adapter
   (LoRA) or full safetensors weights with the tokenizer (``training_type: full``).
+- Several ranks: DDP, or FSDP2 for a full fine-tune whose strategy is ``fsdp`` (``workers.fsdp``:
+  sharded checkpoints, a gathered final model).
 - Chaining: a ``model`` that is a fine-tuned model has its parents' weights merged into the base.
 
 Assumptions
@@ -32,11 +34,10 @@ import torch
 from service.jobs.spec import LoraTraining, SupervisedHyperparameters
 from workers import batching as B
 from workers import data as D
-from workers.checkpoints import ModelWeights
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.loop import Optimization, accumulate, gradient_step, make_optimizer, plan_steps, run_training
-from workers.modeling import apply_training_type, enable_activation_checkpointing, load_base, trainable_parameters
-from workers.recipes.common import release, start
+from workers.loop import accumulate, gradient_step, plan_steps, run_training
+from workers.modeling import apply_training_type, enable_activation_checkpointing, load_base
+from workers.recipes.common import prepare_training, release, result_weights, start
 from workers.token_logps import TokenLogps, token_nll
 
 CHECKPOINT_METRICS = ("loss", "mean_token_accuracy", "learning_rate")
@@ -66,10 +67,8 @@ class SFTRecipe:
         self.batches_by_epoch = [B.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
                                  for epoch in range(hp.n_epochs)]
         self.plan = plan_steps(len(self.batches_by_epoch[0]), hp)
-        params = trainable_parameters(self.model)
-        optimizer, scheduler = make_optimizer(params, hp, self.plan.total_steps)
-        self.policy, optimizer, scheduler = self.accelerator.prepare(TokenLogps(self.model), optimizer, scheduler)
-        self.optim = Optimization(self.accelerator, optimizer, scheduler, params, hp.max_grad_norm)
+        self.policy, self.optim = prepare_training(begun, TokenLogps(self.model), self.model, hp, self.plan.total_steps)
+        self.weights = result_weights(begun, self.model, self.tokenizer, self.optim)
 
     def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[D.TokenizedExample]:
         max_length = self.hp.max_length
@@ -122,7 +121,7 @@ class SFTRecipe:
                            f"examples, {sum(self.trained_counts)} trained tokens, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "examples": len(self.examples)})
         result = run_training(ctx=ctx, hp=hp, model=self.policy, optim=self.optim,
-                              weights=ModelWeights(self.model, self.tokenizer),
+                              weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
                               step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
                               evaluate=self.evaluate if self.eval_examples else None)
@@ -149,4 +148,4 @@ class SFTRecipe:
         return result
 
     def cleanup(self) -> None:
-        release(self, "policy", "model", "optim")
+        release(self, "policy", "model", "optim", "weights")

@@ -53,7 +53,8 @@ from typing import Any
 import torch
 
 from service.jobs.spec import LoraTraining, PpoHyperparameters
-from workers.checkpoints import capture_rng, fetch_adapter, restore_rng
+from workers.archives import fetch_adapter
+from workers.checkpoints import capture_rng, restore_rng
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import Optimization, StepInterrupted, make_optimizer, plan_steps, run_training
 from workers.memory import PeakMeter, parameter_bytes, parameter_count
