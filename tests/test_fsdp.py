@@ -116,13 +116,13 @@ def test_fsdp_sharded_checkpoint_layout(two_ranks: tuple[Path, dict[str, Any]], 
     paused = runs["dpo_paused"]
     assert paused["status"] == "paused" and [c[0] for c in paused["checkpoints"]] == [2]
     key = paused["checkpoints"][0][2]
-    assert key == "jobs/ftjob-fsdp-paused/step_2/adapter.tar.gz"
-    shards = root / "objects" / "jobs" / "ftjob-fsdp-paused" / "step_2" / "shards"
+    assert key == "jobs/ftjob-fsdp-paused/attempt_0/step_2/adapter.tar.gz"
+    shards = root / "objects" / "jobs" / "ftjob-fsdp-paused" / "attempt_0" / "step_2" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     archive = _extract(root, key, tmp_path / "ckpt")
     manifest = json.loads((archive / "sharded_checkpoint.json").read_text())
     assert manifest["world_size"] == 2 and manifest["format"] == "torch.distributed.checkpoint"
-    assert sorted(manifest["files"]) == sorted(f"jobs/ftjob-fsdp-paused/step_2/shards/{n}"
+    assert sorted(manifest["files"]) == sorted(f"jobs/ftjob-fsdp-paused/attempt_0/step_2/shards/{n}"
                                                for n in (".metadata", "__0_0.distcp", "__1_0.distcp"))
     assert not list(archive.glob("*.safetensors"))  # the weights are in the shards only
     state = torch.load(archive / "training_state.pt", weights_only=True)

@@ -122,7 +122,10 @@ def test_multinode_fsdp_a_killed_node_fails_the_attempt_and_the_job_resumes(
     assert resume_step >= 2 and resume_step % 2 == 0  # a checkpoint every 2 steps
     assert f"resumed from step {resume_step}" in [e["message"] for e in log]
     print(f"\n{failed[0]['message']}\n{restart[0]['message']}")
-    shards = live.api.state.store.list(f"jobs/{job['id']}/step_{resume_step}/shards/")
+    # the checkpoint it resumed from: written by the first attempt, under that attempt's prefix
+    shards = [k for k in live.api.state.store.list(f"jobs/{job['id']}/")
+              if f"/step_{resume_step}/shards/" in k]
+    assert len({k.split("/")[2] for k in shards}) == 1 and shards[0].split("/")[2].startswith("attempt_"), shards
     assert sorted(k.rsplit("/", 1)[1] for k in shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert sum(m["message"] == f"Submitted {job['id']}: 2 nodes × 1 GPUs" for m in log) == 2
     # every step's loss once, and the interrupted job's curve is the uninterrupted one

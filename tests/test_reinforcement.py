@@ -219,3 +219,48 @@ def test_a_pause_while_sampling_abandons_the_step_and_resumes_exactly(tmp_path: 
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=name)
     assert [v["reward"] for _, v in resumed.reporter.steps] == pytest.approx(
         [v["reward"] for _, v in straight.reporter.steps[1:]], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- a real task (slow)
+
+
+def arithmetic(n: int, seed: int) -> list[dict[str, Any]]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"messages": [{"role": "system", "content": "Answer with the number first."},
+                                  {"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~6 minutes on an idle 2-core machine; a busy one is several times slower
+def test_smollm2_learns_to_put_the_sum_in_its_first_eight_tokens(tmp_path: Path) -> None:
+    """GRPO on SmolLM2-135M-Instruct with a string_check grader (the answer must appear in the first 8
+    tokens, which SmolLM2 rarely manages: it opens with "To find 3 + 4, ..."). Held-out prompts, 2
+    samples each, are evaluated before training and at steps 6 and 12. Measured: 0.09 -> 0.69 at
+    step 12 (0.94 at step 24)."""
+    contains = {"type": "string_check", "name": "sum", "input": "{{sample.output_text}}",
+                "reference": "{{item.answer}}", "operation": "like"}
+    hp = ReinforcementHyperparameters(batch_size=4, group_size=4, max_new_tokens=8, temperature=1.0,
+                                      learning_rate=3e-4, lr_scheduler="constant", max_steps=12, n_epochs=10,
+                                      eval_interval=6, eval_samples=2, max_length=128)
+    method = Method(type="reinforcement", reinforcement=ReinforcementMethod(grader=parse_grader(contains),
+                                                                             hyperparameters=hp))
+    ctx = local_context(tmp_path, model="SmolLM2-135M-Instruct", method=method, seed=1,
+                        training_type=LoraTraining(r=16, alpha=32), training_rows=arithmetic(64, 1),
+                        validation_rows=arithmetic(16, 2),
+                        settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE))
+    built = recipe(ctx)
+    try:
+        before = built.evaluate(0)["eval/reward"]
+        assert built.train().status == "succeeded"
+    finally:
+        built.cleanup()
+    curve = [(step, values["eval/reward"]) for step, values in ctx.reporter.metrics if "eval/reward" in values]
+    print(f"eval/reward by step: {curve}; train reward {[round(r, 3) for r in ctx.reporter.series('reward')]}")
+    assert [step for step, _ in curve] == [0, 6, 12]
+    assert before < 0.3 and curve[-1][1] >= before + 0.3, curve

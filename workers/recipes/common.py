@@ -92,6 +92,13 @@ def result_weights(begun: Start, model: nn.Module, tokenizer: PreTrainedTokenize
     return ShardedModelWeights(model, tokenizer, optim.optimizer)
 
 
+def stopping(ctx: JobContext) -> bool:
+    """A cancel, pause or shutdown arrived: long phases (evaluation, rollouts) end early on it and report
+    nothing partial; the loop then stops at its next check. (A collective under several ranks: every
+    rank asks at the same point.)"""
+    return ctx.reporter.stop_reason() is not None
+
+
 def release(recipe: object, *names: str) -> None:
     accelerator = getattr(recipe, "accelerator", None)
     if isinstance(accelerator, Accelerator):

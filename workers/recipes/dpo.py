@@ -294,7 +294,7 @@ class DPORecipe:
     def precompute_reference(self) -> dict[str, Tensor] | None:
         """Reference log-probs of every pair, loaded from the job's store or computed and stored.
 
-        Returns None when the job is cancelled meanwhile.
+        Returns None when a stop (cancel, pause, shutdown) arrives meanwhile: a resumed job computes it again.
         """
         ctx = self.ctx
         key, fingerprint = ref_logps_key(ctx.job_id), self._fingerprint()
@@ -309,7 +309,7 @@ class DPORecipe:
             for split, pairs, batches in self._splits():
                 values = torch.empty(len(pairs), 2)
                 for indices in batches:
-                    if ctx.reporter.stop_reason() == "cancel":  # a pause waits: the loop checkpoints step 0
+                    if ctx.reporter.stop_reason() is not None:  # the loop acts on it before step 1
                         return None
                     sums, _ = self._reference_logps(self._collate([pairs[i] for i in indices]))
                     values[indices] = torch.stack(sums.float().cpu().chunk(2), dim=1)
@@ -334,9 +334,10 @@ class DPORecipe:
                            data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
         if hp.precompute_ref_log_probs:
             self.stored_ref = self.precompute_reference()
-            if self.stored_ref is None:
+            if self.stored_ref is None and ctx.reporter.stop_reason() == "cancel":
                 ctx.reporter.event("Training stopped: the job was cancelled", level="warn")
                 return TrainResult("cancelled", 0, {})
+            # a pause or a shutdown: the loop checkpoints step 0 at its first check, before any step runs
         result = run_training(ctx=ctx, hp=hp, model=self.policy, optim=self.optim,
                               weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,

@@ -41,7 +41,7 @@ from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import accumulate, example_weights, gradient_step, plan_steps, run_training
 from workers.losses import bradley_terry_loss, reward_metrics
 from workers.modeling import apply_training_type, enable_activation_checkpointing, load_classifier_base
-from workers.recipes.common import prepare_training, release, result_weights, start
+from workers.recipes.common import prepare_training, release, result_weights, start, stopping
 from workers.reward_scoring import SequenceScores
 
 CHECKPOINT_METRICS = ("loss", "accuracy", "margin", "learning_rate")
@@ -154,6 +154,9 @@ class RewardModelRecipe:
         with torch.no_grad():
             for indices in B.length_bucketed_batches([len(p) for p in self.eval_pairs], self.hp.batch_size,
                                                      seed=0, shuffle=False):
+                if stopping(self.ctx):
+                    self.scorer.train()
+                    return {}
                 pairs = [self.eval_pairs[i] for i in indices]
                 scores, _ = self._scores(pairs)
                 chosen.append(scores[:len(pairs)])

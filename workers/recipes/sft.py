@@ -37,7 +37,7 @@ from workers import data as D
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import accumulate, gradient_step, plan_steps, run_training
 from workers.modeling import apply_training_type, enable_activation_checkpointing, load_base
-from workers.recipes.common import prepare_training, release, result_weights, start
+from workers.recipes.common import prepare_training, release, result_weights, start, stopping
 from workers.token_logps import TokenLogps, token_nll
 
 CHECKPOINT_METRICS = ("loss", "mean_token_accuracy", "learning_rate")
@@ -134,6 +134,9 @@ class SFTRecipe:
         with torch.no_grad():
             for indices in B.length_bucketed_batches([len(e) for e in self.eval_examples], self.hp.batch_size,
                                                      seed=0, shuffle=False):
+                if stopping(self.ctx):
+                    self.policy.train()
+                    return {}
                 predictions, _ = self._forward([self.eval_examples[i] for i in indices])
                 nll -= float(predictions.logps.sum())
                 correct += int(predictions.correct.sum())

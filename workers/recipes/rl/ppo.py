@@ -59,7 +59,7 @@ from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import Optimization, StepInterrupted, make_optimizer, plan_steps, run_training
 from workers.memory import PeakMeter, parameter_bytes, parameter_count
 from workers.modeling import disable_dropout, enable_activation_checkpointing, eos_token_ids, load_base
-from workers.recipes.common import release, start
+from workers.recipes.common import release, start, stopping
 from workers.recipes.rl import core as P
 from workers.recipes.rl.engine import NAN_LIMIT, AdapterReward, PPOEngine, Reward, SeparateReward
 from workers.recipes.rl.models import SharedBase, SharedBaseWeights
@@ -270,6 +270,8 @@ class PPORecipe:
         n = 0
         for start_at in range(0, len(self.eval_prompts), self.hp.rollout_batch_size):
             batch = self.eval_prompts[start_at:start_at + self.hp.rollout_batch_size]
+            if stopping(self.ctx):
+                return {}
             r, _ = self.engine.rollout(batch)
             metrics = self.engine.rollout_metrics(r, self.engine.advantages(r))
             for k in ("objective/scores", "objective/kl", "objective/rlhf_reward", "val/response_length_mean",

@@ -43,7 +43,7 @@ from workers.checkpoints import capture_rng, restore_rng
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import Optimization, StepInterrupted, make_optimizer, plan_steps, run_training
 from workers.modeling import disable_dropout, enable_activation_checkpointing, eos_token_ids, load_base
-from workers.recipes.common import release, start
+from workers.recipes.common import release, start, stopping
 from workers.recipes.rl.engine import NAN_LIMIT, PPOEngine, Prompt
 from workers.recipes.rl.grading import GraderReward, GraderScorer, grade_metrics, merge
 from workers.recipes.rl.group import GroupEngine
@@ -242,6 +242,8 @@ class ReinforcementRecipe:
         size = int(self.hp.batch_size)
         for start_at in range(0, len(self.eval_prompts), size):
             batch = self.eval_prompts[start_at:start_at + size]
+            if stopping(self.ctx):
+                return {}
             if self.is_ppo:
                 r, _ = self.ppo.rollout([p for p in batch for _ in range(samples)])
                 parts.append(merge(self.reward.last[-1:]))
