@@ -130,6 +130,7 @@ class LiveService:
     api: Api
     headers: dict[str, str]
     log: Path
+    org: str = "acme"
 
     def get(self, path: str) -> Any:
         return self.api.client.get(path, headers=self.headers)
@@ -160,9 +161,10 @@ class LiveService:
         return [p["value"] for p in data]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    """Embedded parts (SQLite, filesystem broker, local objects) with a real worker process."""
+@pytest.fixture(scope="session")
+def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Path]]:
+    """Embedded parts (SQLite, filesystem broker, local objects) with one real worker process, started
+    once per test session: starting a worker (torch, transformers) costs more than most tests."""
     from tests.processes import celery_worker
 
     root = tmp_path_factory.mktemp("live")
@@ -173,9 +175,29 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     api = next(gen)
     try:
         with celery_worker(settings, env, root / "worker.log"):
-            yield LiveService(api, api.key("acme"), root / "worker.log")
+            yield api, root / "worker.log"
     finally:
         next(gen, None)
+
+
+@pytest.fixture(scope="module")
+def live(live_service: tuple[Api, Path], request: pytest.FixtureRequest) -> Iterator[LiveService]:
+    """The shared live service, seen by this module as its own organization (so listings, limits and
+    idempotency keys are the module's alone). Jobs the module leaves unfinished are cancelled at its end,
+    so the next module finds the worker idle."""
+    from tests.processes import TERMINAL, wait_for_job
+
+    api, log = live_service
+    org = "mod-" + request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+    service = LiveService(api, api.key(org), log, org)
+    yield service
+    listed = service.get("/v1/fine_tuning/jobs?limit=100").json()["data"]
+    for job in listed:
+        if job["status"] not in TERMINAL:
+            api.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=service.headers)
+    for job in listed:
+        if job["status"] not in TERMINAL:
+            wait_for_job(service.get, job["id"], timeout=120, until=TERMINAL | {"paused"})
 
 
 @pytest.fixture

@@ -298,6 +298,6 @@ def test_judge_must_be_a_succeeded_reward_model_of_this_organization(live: LiveS
     pending = live.create_job({"model": TINY, "training_file": live.upload(rm_pairs(8), "late.jsonl")["id"],
                                "suffix": "late", "method": {"type": "reward_model", "reward_model": {
                                    "hyperparameters": {"max_steps": 50}}}})
-    name = f"ft:{TINY}:acme:late:{pending['id']}"
+    name = f"ft:{TINY}:{live.org}:late:{pending['id']}"
     assert refused({"judge": name})["code"] == "reward_model_not_ready"
     live.api.client.post(f"/v1/fine_tuning/jobs/{pending['id']}/cancel", headers=live.headers)

@@ -186,7 +186,7 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(
 
     assert code({}) == "reward_model_required"
     assert code({"reward_model": ""}) == "reward_model_required"
-    assert code({"reward_model": f"ft:{TINY}:acme:rm:ftjob-doesnotexist"}) == "reward_model_not_found"
+    assert code({"reward_model": f"ft:{TINY}:{live.org}:rm:ftjob-doesnotexist"}) == "reward_model_not_found"
     assert code({"reward_model": "gpt-4"}) == "reward_model_not_found"
     assert code({"reward_model": TINY}) == "reward_model_not_a_reward_model"
     assert code({"reward_model": sft_model}) == "reward_model_not_a_reward_model"
@@ -203,7 +203,7 @@ def test_reward_model_must_be_a_succeeded_reward_model_of_this_organization(
     # a reward-model job that has not finished yet
     pending = live.create_job(reward_model_job(TINY, live.upload(arithmetic_pairs(5, 8), "late.jsonl")["id"],
                                                steps=50, suffix="late"))
-    name = f"ft:{TINY}:acme:late:{pending['id']}"
+    name = f"ft:{TINY}:{live.org}:late:{pending['id']}"
     assert code({"reward_model": name}) == "reward_model_not_ready"
     live.api.client.post(f"/v1/fine_tuning/jobs/{pending['id']}/cancel", headers=live.headers)
     # the shape of the rest of the request
@@ -231,7 +231,7 @@ def test_sft_then_reward_model_then_ppo_as_chained_jobs(live: LiveService, sft_m
     evaluated = live.get(f"/v1/fine_tuning/jobs/{ppo['id']}/metrics?name=eval/objective/scores").json()["data"]
     assert [p["step"] for p in evaluated] == [1, 2]  # every step, and not twice at the end
     assert len(live.metric(ppo["id"], "eval/objective/kl")) == 2
-    assert ppo["fine_tuned_model"].startswith(f"ft:{TINY}:acme:chained:")
+    assert ppo["fine_tuned_model"].startswith(f"ft:{TINY}:{live.org}:chained:")
     assert any("third LoRA adapter" in e["message"] for e in events(live, ppo["id"]))
     assert len(live.metric(ppo["id"], "objective/scores")) == 2
 

@@ -160,7 +160,7 @@ def test_reward_model_job_learns_an_easy_preference(live: LiveService, tmp_path:
                          "batch_size": 4, "max_steps": 8, "learning_rate": 1e-3, "eval_every_steps": 4,
                          "checkpoint_every_steps": 4}}}})
     assert done["status"] == "succeeded", done["error"]
-    assert done["fine_tuned_model"].startswith("ft:tiny-random-llama:acme:rm:")
+    assert done["fine_tuned_model"].startswith(f"ft:tiny-random-llama:{live.org}:rm:")
     assert done["progress"] == {"step": 8, "total_steps": 8}
     loss = live.metric(done["id"], "loss")
     assert len(loss) == 8 and loss[-1] < loss[0]

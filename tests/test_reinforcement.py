@@ -237,16 +237,16 @@ def arithmetic(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # ~6 minutes on an idle 2-core machine; a busy one is several times slower
+@pytest.mark.timeout(1800)  # ~2 minutes on an idle 2-core machine; a busy one is several times slower
 def test_smollm2_learns_to_put_the_sum_in_its_first_eight_tokens(tmp_path: Path) -> None:
     """GRPO on SmolLM2-135M-Instruct with a string_check grader (the answer must appear in the first 8
     tokens, which SmolLM2 rarely manages: it opens with "To find 3 + 4, ..."). Held-out prompts, 2
-    samples each, are evaluated before training and at steps 6 and 12. Measured: 0.09 -> 0.69 at
-    step 12 (0.94 at step 24)."""
+    samples each, are evaluated before training and after 6 steps. Measured: 0.09 -> 0.53 at step 6
+    (0.69 at step 12, 0.94 at step 24 in a longer run)."""
     contains = {"type": "string_check", "name": "sum", "input": "{{sample.output_text}}",
                 "reference": "{{item.answer}}", "operation": "like"}
     hp = ReinforcementHyperparameters(batch_size=4, group_size=4, max_new_tokens=8, temperature=1.0,
-                                      learning_rate=3e-4, lr_scheduler="constant", max_steps=12, n_epochs=10,
+                                      learning_rate=3e-4, lr_scheduler="constant", max_steps=6, n_epochs=10,
                                       eval_interval=6, eval_samples=2, max_length=128)
     method = Method(type="reinforcement", reinforcement=ReinforcementMethod(grader=parse_grader(contains),
                                                                              hyperparameters=hp))
@@ -262,5 +262,5 @@ def test_smollm2_learns_to_put_the_sum_in_its_first_eight_tokens(tmp_path: Path)
         built.cleanup()
     curve = [(step, values["eval/reward"]) for step, values in ctx.reporter.metrics if "eval/reward" in values]
     print(f"eval/reward by step: {curve}; train reward {[round(r, 3) for r in ctx.reporter.series('reward')]}")
-    assert [step for step, _ in curve] == [0, 6, 12]
+    assert [step for step, _ in curve] == [0, 6]
     assert before < 0.3 and curve[-1][1] >= before + 0.3, curve
