@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli_client import add_client_commands
+from service.console import quiet_libraries
 from service.settings import Settings
 
 
@@ -181,7 +182,13 @@ def print_openapi(output: Path) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     env = {**os.environ, "ALIGND_DATA_DIR": str(settings.data_dir)}
-    return subprocess.call([sys.executable, "-m", "workers.demo", *args.demo_args], env=env)
+    demo = subprocess.Popen([sys.executable, "-m", "workers.demo", *args.demo_args], env=env)
+    try:
+        return demo.wait()
+    except KeyboardInterrupt:  # the demo got the same Ctrl-C and stops its service; wait for that, quietly
+        with contextlib.suppress(KeyboardInterrupt):
+            return demo.wait()
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()  # before anything loads: no library progress bars or FutureWarnings here or in children
     args = build_parser().parse_args(argv)
     if getattr(args, "client_handler", None) is not None:
         return int(args.client_handler(args))
