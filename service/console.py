@@ -74,8 +74,8 @@ class Output:
         self.file: TextIO = file or (cast(TextIO, console.file) if console is not None else sys.stdout)
         if console is not None:
             self.terminal = console.is_terminal
-        else:
-            self.terminal = _isatty(self.file) if terminal is None else terminal
+        else:  # an Emacs shell or a CI log viewer says TERM=dumb: it cannot redraw a line
+            self.terminal = (_isatty(self.file) and os.environ.get("TERM") != "dumb") if terminal is None else terminal
         self._console = console
 
     @property
