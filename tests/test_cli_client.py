@@ -236,6 +236,22 @@ def test_progress_is_plain_lines_without_a_terminal() -> None:
     assert "\x1b" not in out.getvalue()
 
 
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_that_cannot_redraw_gets_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert Output(_FakeTerminal()).terminal
+    monkeypatch.setenv("TERM", "dumb")  # an Emacs shell: a tty that cannot move the cursor
+    out = _FakeTerminal()
+    output = Output(out)
+    assert not output.terminal
+    output.job_progress().draw({"status": "queued", "progress": {"step": 0, "total_steps": None}})
+    assert out.getvalue() == "[........................]  0/?  queued\n"
+
+
 def test_a_table_is_rich_in_a_terminal_and_aligned_columns_otherwise() -> None:
     rows = [["ftjob-" + "a" * 30, "succeeded", "SmolLM2-135M-Instruct"], ["ftjob-b", "running", "tiny-random-llama"]]
     buffer, output = _terminal(width=100)
