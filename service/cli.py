@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli_client import add_client_commands
+from service.console import quiet_libraries
 from service.settings import Settings
 
 
@@ -181,7 +182,13 @@ def print_openapi(output: Path) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     env = {**os.environ, "ALIGND_DATA_DIR": str(settings.data_dir)}
-    return subprocess.call([sys.executable, "-m", "workers.demo", *args.demo_args], env=env)
+    demo = subprocess.Popen([sys.executable, "-m", "workers.demo", *args.demo_args], env=env)
+    try:
+        return demo.wait()
+    except KeyboardInterrupt:  # the demo got the same Ctrl-C and stops its service; wait for that, quietly
+        with contextlib.suppress(KeyboardInterrupt):
+            return demo.wait()
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--org", required=True)
     kr = ksub.add_parser("revoke", help="revoke a key by its id")
     kr.add_argument("key_id")
-    d = sub.add_parser("demo", help="run a real DPO job end to end on SmolLM2-135M-Instruct")
+    d = sub.add_parser("demo", help="run a real DPO job end to end on SmolLM2-135M-Instruct "
+                                    "(its options: alignd demo -- --help)")
     d.add_argument("--data-dir")
-    d.add_argument("demo_args", nargs=argparse.REMAINDER)
+    d.set_defaults(demo_args=[])  # its own options (--epochs, --model) are passed through by main()
     m = sub.add_parser("migrate", help="apply database migrations and exit")
     m.add_argument("--data-dir")
     o = sub.add_parser("openapi", help="write the OpenAPI document")
@@ -216,7 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    quiet_libraries()  # before anything loads: no library progress bars or FutureWarnings here or in children
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "demo":  # `alignd demo --epochs 1`: the demo's own options (workers/demo.py) pass through
+        args.demo_args = [arg for arg in unknown if arg != "--"]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "client_handler", None) is not None:
         return int(args.client_handler(args))
     handlers = {

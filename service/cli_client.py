@@ -5,8 +5,8 @@ Reads ``ALIGND_BASE_URL`` (default ``http://127.0.0.1:8000``) and ``ALIGND_API_K
 ``error: <message> (param: <field>)`` on stderr and exit 1, never a traceback.
 
 ``jobs follow`` exits with the job's outcome: 0 succeeded, 1 failed, 2 cancelled (130 on Ctrl-C,
-which stops following, not the job). In a terminal it redraws one progress line; otherwise (a log,
-a pipe) it prints one line per change.
+which stops following, not the job). Progress bars and tables come from :mod:`service.console`: rich in
+a terminal; otherwise (a log, a pipe) plain lines, one per change.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, TextIO
 import httpx
 
 from service.client import TERMINAL, AligndError, Client
+from service.console import Output, event_line
 
 METHODS = ("dpo", "supervised", "reward_model", "ppo", "reinforcement", "generate_preferences")
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2}
-BAR_WIDTH = 24
 
 
 class UsageError(Exception):
@@ -49,22 +49,11 @@ def _print_json(value: Any) -> None:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    Output().table(rows, header)
 
 
 def _when(ts: float | int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def _value(text: str) -> Any:
@@ -336,91 +325,21 @@ def cmd_jobs_download(args: argparse.Namespace) -> int:
 # --- follow -----------------------------------------------------------------------------------------
 
 
-class Progress:
-    """One progress line: bar, step/total, ETA (from ``estimated_finish``), loss and margin or KL."""
-
-    def __init__(self, out: TextIO, tty: bool) -> None:
-        self.out, self.tty = out, tty
-        self.metrics: dict[str, float] = {}
-        self.metrics_step = 0
-        self.shown_key: tuple[Any, ...] | None = None
-        self.drawn = False
-
-    def observe(self, event: dict[str, Any]) -> None:
-        data = event.get("data") or {}
-        if event.get("type") == "metrics":
-            self.metrics.update({k: v for k, v in data.items() if isinstance(v, int | float)})
-            self.metrics_step = max(self.metrics_step, int(data.get("step") or 0))
-
-    def line(self, job: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-        progress = job.get("progress") or {}
-        # Events are read before the job, so the metrics may be a step ahead of the job's progress.
-        step, total = max(int(progress.get("step") or 0), self.metrics_step), progress.get("total_steps")
-        filled = int(BAR_WIDTH * step / total) if total else 0
-        parts = [f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}]", f"{step}/{total or '?'}"]
-        if total:
-            parts.append(f"{100 * step / total:3.0f}%")
-        eta = job.get("estimated_finish")
-        if eta and job["status"] == "running":
-            parts.append(f"ETA {_duration(eta - time.time())}")
-        loss = self.metrics.get("loss")
-        extra: tuple[str, float] | None = None
-        for name, label in (("rewards/margins", "margin"), ("objective/kl", "kl"), ("reward", "reward")):
-            if name in self.metrics:
-                extra = (label, self.metrics[name])
-                break
-        if loss is not None:
-            parts.append(f"loss {loss:.4f}")
-        if extra is not None:
-            parts.append(f"{extra[0]} {extra[1]:.4f}")
-        if "eval/reward" in self.metrics:  # reinforcement: the latest evaluation's mean reward
-            parts.append(f"eval reward {self.metrics['eval/reward']:.4f}")
-        parts.append(job["status"])
-        key = (job["status"], step, total, loss, extra)
-        return key, "  ".join(parts)
-
-    def draw(self, job: dict[str, Any]) -> None:
-        key, text = self.line(job)
-        if self.tty:
-            self.out.write("\r\x1b[K" + text)
-            self.drawn = True
-        elif key != self.shown_key:
-            self.out.write(text + "\n")
-        self.shown_key = key
-        self.out.flush()
-
-    def message(self, text: str) -> None:
-        if self.tty and self.drawn:
-            self.out.write("\r\x1b[K")
-            self.drawn = False
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def finish(self) -> None:
-        if self.tty and self.drawn:
-            self.out.write("\n")
-            self.drawn = False
-        self.out.flush()
-
-
-def _event_line(event: dict[str, Any]) -> str:
-    level = event.get("level", "info")
-    mark = "·" if level == "info" else f"[{level}]"
-    return f"{time.strftime('%H:%M:%S', time.localtime(event['created_at']))} {mark} {event['message']}"
-
-
 def follow(client: Client, job_id: str, *, poll: float = 1.0, out: TextIO | None = None,
            tty: bool | None = None) -> int:
-    """Print progress and events until the job ends; returns 0 succeeded, 1 failed, 2 cancelled."""
-    out = out or sys.stdout
-    progress = Progress(out, out.isatty() if tty is None else tty)
+    """Print progress and events until the job ends; returns 0 succeeded, 1 failed, 2 cancelled.
+
+    The progress is :class:`service.console.JobProgress`: a rich bar in a terminal, plain lines otherwise;
+    when the job has ended, a sparkline of its loss (and margin, KL or reward)."""
+    output = Output(out or sys.stdout, terminal=tty)
+    progress = output.job_progress()
     job: dict[str, Any] = {"status": "queued"}
     try:
         for job, events in client.follow(job_id, poll=poll):
             for event in events:
                 progress.observe(event)
                 if event.get("type") != "metrics":
-                    progress.message(_event_line(event))
+                    progress.message(event_line(event))
             if job["status"] not in TERMINAL:
                 progress.draw(job)
     except KeyboardInterrupt:
@@ -429,16 +348,17 @@ def follow(client: Client, job_id: str, *, poll: float = 1.0, out: TextIO | None
         return 130
     progress.draw(job)
     progress.finish()
+    for curve in progress.curves():
+        output.line(curve)
     status = job["status"]
     if status == "succeeded":
-        print(f"job {job_id} succeeded: {job.get('fine_tuned_model')}", file=out)
+        output.line(f"job {job_id} succeeded: {job.get('fine_tuned_model')}")
     elif status == "failed":
         error = job.get("error") or {}
         param = f" (param: {error['param']})" if error.get("param") else ""
-        print(f"job {job_id} failed: {error.get('code')}: {error.get('message')}{param}", file=out)
+        output.line(f"job {job_id} failed: {error.get('code')}: {error.get('message')}{param}")
     else:
-        print(f"job {job_id} {status}", file=out)
-    out.flush()
+        output.line(f"job {job_id} {status}")
     return EXIT_CODES.get(status, 1)
 
 

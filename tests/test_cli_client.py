@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
+import re
+import select
 import subprocess
 import sys
 import time
@@ -11,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from service.cli_client import Progress
+from service.console import Output
 from tests.conftest import PREFERENCE_ROWS, jsonl
 from tests.served import Served, embedded_server
 
@@ -21,6 +26,9 @@ FAST_DPO = ["--model", "tiny-random-llama", "--method", "dpo", "--seed", "3", "-
             "-H", "batch_size=4", "-H", "max_steps=4", "-H", "checkpoint_every_steps=2",
             "-H", "learning_rate=1e-3",
             "--lora-r", "8", "--lora-alpha", "16"]
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +72,16 @@ def test_upload_create_follow_download(served: Served, tmp_path: Path) -> None:
     assert "\r" not in out and "loss " in out and "margin " in out
     assert "· Job queued" in out and "The job has successfully completed" in out
     assert out.rstrip().endswith(f"job {job_id} succeeded: ft:tiny-random-llama:acme:cli:{job_id}")
+    assert "\x1b" not in out  # no ANSI codes in a pipe
+    curves = [line for line in out.splitlines() if line.startswith(("loss ", "margin "))]
+    assert len(curves) == 2 and all(re.fullmatch(r"\S+ +[▁▂▃▄▅▆▇█]{4}  -?\d+\.\d{4} → -?\d+\.\d{4} over 4 steps", c)
+                                    for c in curves), curves
+    in_terminal, status = _in_a_pty([ALIGND, "jobs", "follow", job_id], served.env)
+    assert status == 0, in_terminal
+    assert "\x1b[" in in_terminal and "[####" not in in_terminal  # rich's bar, not the plain one
+    text = ANSI.sub("", in_terminal)
+    assert "━" * 24 + " 4/4  100%" in text and "The job has successfully completed" in text
+    assert text.rstrip().endswith(f"job {job_id} succeeded: ft:tiny-random-llama:acme:cli:{job_id}")
 
     listed = cli(served, "jobs", "list")
     assert job_id in listed.stdout and "succeeded" in listed.stdout
@@ -74,6 +92,31 @@ def test_upload_create_follow_download(served: Served, tmp_path: Path) -> None:
     ckpt = cli(served, "jobs", "download", job_id, "--checkpoint", "2", "-o", str(tmp_path / "step2"))
     assert ckpt.returncode == 0, ckpt.stderr
     assert (tmp_path / "step2" / "adapter_config.json").exists()
+
+
+def _in_a_pty(command: list[str], env: dict[str, str], timeout: float = 120) -> tuple[str, int]:
+    """Run ``command`` with a pseudo-terminal as its stdin, stdout and stderr; its output and exit status."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(command, env={**env, "TERM": "xterm-256color", "COLUMNS": "120"},
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks: list[bytes] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace"), proc.wait(timeout=30)
 
 
 def test_failed_job_exits_1(served: Served, tmp_path: Path) -> None:
@@ -142,9 +185,14 @@ def test_errors_are_one_line(served: Served, tmp_path: Path) -> None:
     assert usage.returncode == 1 and usage.stderr.strip() == "error: -H expects key=value, got 'beta'"
 
 
-def test_progress_redraws_in_a_terminal() -> None:
-    out = io.StringIO()
-    progress = Progress(out, tty=True)
+def _terminal(width: int = 120) -> tuple[io.StringIO, Output]:
+    buffer = io.StringIO()
+    return buffer, Output(console=Console(file=buffer, force_terminal=True, width=width, color_system="standard"))
+
+
+def test_progress_redraws_a_rich_bar_in_a_terminal() -> None:
+    buffer, output = _terminal()
+    progress = output.job_progress()
     job = {"status": "running", "progress": {"step": 1, "total_steps": 4},
            "estimated_finish": time.time() + 65}
     progress.observe({"type": "metrics", "data": {"step": 1, "loss": 0.6931, "objective/kl": 0.01}})
@@ -152,15 +200,77 @@ def test_progress_redraws_in_a_terminal() -> None:
     progress.message("12:00:00 · Checkpoint saved at step 1")
     progress.draw({**job, "progress": {"step": 2, "total_steps": 4}})
     progress.finish()
-    text = out.getvalue()
-    assert text.startswith("\r\x1b[K[######..................]  1/4   25%  ETA 1m0")
+    raw = buffer.getvalue()
+    assert "\x1b[" in raw and "\r" in raw  # styled and redrawn in place
+    text = ANSI.sub("", raw)
+    # 24 cells: 1/4 → 6 filled, then the half-cell edge; 2/4 → 12 filled
+    assert "━" * 6 + "╺" + "━" * 17 + " 1/4   25%  ETA 1m0" in text
     assert "loss 0.6931  kl 0.0100  running" in text
-    assert "\r\x1b[K12:00:00 · Checkpoint saved at step 1\n\r\x1b[K[############............]  2/4" in text
+    assert text.count("12:00:00 · Checkpoint saved at step 1\n") == 1
+    after_message = text.split("Checkpoint saved at step 1\n", 1)[1]
+    assert "━" * 12 + "╺" + "━" * 11 + " 2/4   50%" in after_message  # the bar stays below the events
+    assert "[#" not in text  # not the plain rendering
+
+
+def test_progress_is_plain_lines_without_a_terminal() -> None:
+    out = io.StringIO()
+    output = Output(out)  # a StringIO is no terminal
+    assert not output.terminal
+    progress = output.job_progress()
+    job = {"status": "running", "progress": {"step": 1, "total_steps": 4}}
+    progress.observe({"type": "metrics", "data": {"step": 1, "loss": 0.6931, "rewards/margins": 0.0}})
+    progress.draw(job)
+    progress.draw(job)  # unchanged: no second line
+    progress.message("12:00:00 · Checkpoint saved at step 1")
+    progress.observe({"type": "metrics", "data": {"step": 2, "loss": 0.25, "rewards/margins": 0.5}})
+    progress.draw({**job, "progress": {"step": 2, "total_steps": 4}})
+    progress.finish()
+    output.table([["ftjob-1", "succeeded"], ["ftjob-22", "running"]], ["ID", "STATUS"])
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["[######..................]  1/4   25%  loss 0.6931  margin 0.0000  running",
+                         "12:00:00 · Checkpoint saved at step 1",
+                         "[############............]  2/4   50%  loss 0.2500  margin 0.5000  running"]
+    assert lines[3:] == ["ID        STATUS", "ftjob-1   succeeded", "ftjob-22  running"]
+    assert progress.curves() == ["loss    █▁  0.6931 → 0.2500 over 2 steps",
+                                 "margin  ▁█  0.0000 → 0.5000 over 2 steps"]
+    assert "\x1b" not in out.getvalue()
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_that_cannot_redraw_gets_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert Output(_FakeTerminal()).terminal
+    monkeypatch.setenv("TERM", "dumb")  # an Emacs shell: a tty that cannot move the cursor
+    out = _FakeTerminal()
+    output = Output(out)
+    assert not output.terminal
+    output.job_progress().draw({"status": "queued", "progress": {"step": 0, "total_steps": None}})
+    assert out.getvalue() == "[........................]  0/?  queued\n"
+
+
+def test_a_table_is_rich_in_a_terminal_and_aligned_columns_otherwise() -> None:
+    rows = [["ftjob-" + "a" * 30, "succeeded", "SmolLM2-135M-Instruct"], ["ftjob-b", "running", "tiny-random-llama"]]
+    buffer, output = _terminal(width=100)
+    output.table(rows, ["ID", "STATUS", "MODEL"])
+    raw = buffer.getvalue()
+    assert "\x1b[1m" in raw  # a bold header
+    lines = [line.split() for line in ANSI.sub("", raw).splitlines() if line.strip()]
+    assert lines[0] == ["ID", "STATUS", "MODEL"] and set(lines[1][0]) == {"─"} and lines[2:] == rows
+    plain = io.StringIO()
+    Output(plain, terminal=False).table(rows, ["ID", "STATUS", "MODEL"])
+    assert plain.getvalue().splitlines() == [
+        "ID" + " " * 36 + "STATUS     MODEL",
+        "ftjob-" + "a" * 30 + "  succeeded  SmolLM2-135M-Instruct",
+        "ftjob-b" + " " * 31 + "running    tiny-random-llama"]
 
 
 def test_follow_shows_a_reinforcement_jobs_reward_and_eval_reward() -> None:
     out = io.StringIO()
-    progress = Progress(out, tty=False)
+    progress = Output(out, terminal=False).job_progress()
     job = {"status": "running", "progress": {"step": 3, "total_steps": 8}}
     progress.observe({"type": "metrics", "data": {"step": 3, "loss": 0.01, "reward": 0.375}})
     progress.draw(job)

@@ -3,11 +3,17 @@
 It starts the embedded service (``alignd serve``) as a child process, uploads the built-in
 concise-vs-verbose preference set, trains, follows progress, prints the loss curve, downloads the
 adapter and compares a few generations before and after. Everything runs offline.
+
+What it prints comes from :mod:`service.console` (rich in a terminal, plain lines in a pipe or a log),
+the same progress bar and sparklines as ``alignd jobs follow``. The training stack's own output
+(tqdm bars, warnings, library logging) and the embedded service's go to ``<data dir>/demo.log``; an
+unexpected error is one line on the screen and its traceback in that log.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -21,11 +27,12 @@ import httpx
 
 from service.auth import create_key
 from service.client import Client
+from service.console import Output, drop_library_stderr_handlers, event_line, quiet_libraries, sparkline
 from service.db.engine import make_engine, make_session_factory, migrate, session_scope
 from service.settings import Settings
 from workers.demo_data import HELD_OUT_PROMPTS, preference_rows
 
-BAR = 30
+log = logging.getLogger("alignd.demo")
 
 
 def _free_port() -> int:
@@ -41,22 +48,6 @@ def _api_key(settings: Settings) -> str:
         return create_key(session, "demo")[1]
 
 
-def _progress_line(job: dict[str, Any], loss: float | None, margin: float | None) -> str:
-    progress: dict[str, Any] = job["progress"] or {}
-    step, total = int(progress.get("step") or 0), int(progress.get("total_steps") or 0)
-    filled = int(BAR * step / total) if total else 0
-    extra = f" loss={loss:.4f}" if loss is not None else ""
-    extra += f" margin={margin:.3f}" if margin is not None else ""
-    return f"\r[{'#' * filled}{'.' * (BAR - filled)}] {step}/{total or '?'} {job['status']}{extra}   "
-
-
-def _sparkline(values: list[float]) -> str:
-    blocks = "▁▂▃▄▅▆▇█"
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    return "".join(blocks[int((v - lo) / span * (len(blocks) - 1))] for v in values)
-
-
 def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
     import torch
     from peft import PeftModel
@@ -64,6 +55,7 @@ def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> 
     from workers.base_models import load_tokenizer
     from workers.modeling import load_causal_lm
 
+    drop_library_stderr_handlers()  # transformers added its stderr handler on import: its records go to the log
     tokenizer: Any = load_tokenizer(model_dir)
     model: Any = load_causal_lm(model_dir)
     if adapter_dir is not None:
@@ -79,20 +71,18 @@ def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> 
     return outputs
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, out: Output, log_path: Path) -> int:
     started = time.time()
     settings = Settings.from_env()
-    print(f"alignd demo — data dir {settings.data_dir}")
+    out.line(f"alignd demo — data dir {settings.data_dir}", style="bold")
     key = _api_key(settings)
     port = _free_port()
     env = {**os.environ, "ALIGND_DATA_DIR": str(settings.data_dir)}
     alignd = Path(sys.executable).parent / "alignd"
-    log_path = settings.data_dir / "demo-serve.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("ab")
+    serve_log = log_path.open("ab")
     server = subprocess.Popen([str(alignd), "serve", "--port", str(port)], env=env, start_new_session=True,
-                              stdout=log, stderr=subprocess.STDOUT)
-    print(f"service on http://127.0.0.1:{port} (API + worker; log: {log_path})")
+                              stdout=serve_log, stderr=subprocess.STDOUT)
+    out.line(f"service on http://127.0.0.1:{port} (API + worker; log: {log_path})")
     try:
         client = Client(f"http://127.0.0.1:{port}", key)
         for _ in range(300):
@@ -103,63 +93,31 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.3)
         rows = preference_rows()
         training = client.upload_rows(rows, "concise_vs_verbose.jsonl")
-        print(f"uploaded {training['id']}: {training['examples']} {training['format']} pairs "
-              f"({training['status']})")
+        out.line(f"uploaded {training['id']}: {training['examples']} {training['format']} pairs "
+                 f"({training['status']})")
         job = client.create_job({
-            "model": "SmolLM2-135M-Instruct", "training_file": training["id"], "suffix": "concise", "seed": 0,
+            "model": args.model, "training_file": training["id"], "suffix": "concise", "seed": 0,
             "method": {"type": "dpo", "dpo": {"hyperparameters": {
                 "n_epochs": args.epochs, "batch_size": 4, "learning_rate": 5e-4, "beta": 0.1, "max_length": 256,
                 "checkpoint_every_steps": 10}}},
             "training_type": {"type": "lora", "r": 16, "alpha": 32,
                               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         })
-        print(f"created {job['id']} (status {job['status']}); the worker converts SmolLM2 once on first use")
-        loss = margin = None
-        tty = sys.stdout.isatty()
-        shown = ""
-        for job, events in client.follow(job["id"], poll=1.0):  # noqa: B020 - job is refreshed on purpose
-            for event in events:
-                data = event.get("data") or {}
-                if event["type"] == "metrics" and "loss" in data:
-                    loss, margin = data["loss"], data.get("rewards/margins")
-                elif event["type"] == "message":
-                    sys.stdout.write(("\n" if tty and shown else "") + f"  · {event['message']}\n")
-                    shown = ""
-            line = _progress_line(job, loss, margin)
-            if line != shown:  # redraw in a terminal, one line per change in a log
-                sys.stdout.write(line if tty else line.lstrip("\r") + "\n")
-                sys.stdout.flush()
-                shown = line
-        print()
+        out.line(f"created {job['id']} (status {job['status']}); the worker converts {args.model} once on first use")
+        job = _follow(client, job["id"], out)
         if job["status"] != "succeeded":
-            print(f"job ended {job['status']}: {job['error']}")
+            error = job.get("error") or {}
+            out.line(f"job ended {job['status']}: {error.get('code')}: {error.get('message')} (log: {log_path})")
             return 1
-        losses = [p["value"] for p in client.metrics(job["id"], "loss")]
-        margins = [p["value"] for p in client.metrics(job["id"], "rewards/margins")]
-        accuracies = [p["value"] for p in client.metrics(job["id"], "rewards/accuracies")]
-        tps = [p["value"] for p in client.metrics(job["id"], "tokens_per_second")]
-        events = client.events(job["id"], limit=1000)
-        times = [e["created_at"] for e in events if e["type"] == "metrics"]
-        steps = len(losses)
-        span = max(times[-1] - times[0], 1) if len(times) > 1 else 1
-        print(f"loss curve  {_sparkline(losses)}  {losses[0]:.4f} → {losses[-1]:.4f} over {steps} steps")
-        print(f"margin      {_sparkline(margins)}  {margins[0]:.3f} → {margins[-1]:.3f}")
-        print(f"accuracy    {accuracies[-1]:.2f} at the last step")
-        print(f"speed       {(steps - 1) / span:.2f} steps/s, {sum(tps) / len(tps):.0f} tokens/s (CPU)")
         adapter_dir = settings.data_dir / "demo-adapter" / job["id"]
         client.download_adapter(job["id"], adapter_dir)
-        print(f"adapter     {adapter_dir} ({', '.join(sorted(p.name for p in adapter_dir.iterdir()))})")
-        print(f"model       {job['fine_tuned_model']}")
-        base_dir = settings.model_cache_dir / "SmolLM2-135M-Instruct"
+        _report_training(client, job, adapter_dir, out)
+        base_dir = settings.model_cache_dir / args.model
+        out.line("generating answers to held-out questions with the base model and with the adapter …")
         before = _generate(base_dir, None, HELD_OUT_PROMPTS)
         after = _generate(base_dir, adapter_dir, HELD_OUT_PROMPTS)
-        print("\nheld-out prompts, before → after DPO:")
-        for prompt, b, a in zip(HELD_OUT_PROMPTS, before, after, strict=True):
-            print(f"\n  Q: {prompt}\n  before ({len(b.split())} words): {b}\n  after  ({len(a.split())} words): {a}")
-        mean_before = sum(len(b.split()) for b in before) / len(before)
-        mean_after = sum(len(a.split()) for a in after) / len(after)
-        print(f"\nmean answer length {mean_before:.1f} → {mean_after:.1f} words")
-        print(f"demo finished in {time.time() - started:.0f} s")
+        _report_answers(HELD_OUT_PROMPTS, before, after, out)
+        out.line(f"demo finished in {time.time() - started:.0f} s", style="bold")
         return 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -167,13 +125,80 @@ def run(args: argparse.Namespace) -> int:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        serve_log.close()
+
+
+def _follow(client: Client, job_id: str, out: Output) -> dict[str, Any]:
+    """The live bar and the job's events until it ends (the same progress as ``alignd jobs follow``)."""
+    progress = out.job_progress()
+    job: dict[str, Any] = {"status": "queued"}
+    try:
+        for job, events in client.follow(job_id, poll=1.0):  # noqa: B007 - the last job is returned
+            for event in events:
+                progress.observe(event)
+                if event["type"] == "message":
+                    progress.message("  " + event_line(event))
+            progress.draw(job)
+    finally:
+        progress.finish()
+    return job
+
+
+def _report_training(client: Client, job: dict[str, Any], adapter_dir: Path, out: Output) -> None:
+    """The curves of the finished job and where its adapter is, as one table."""
+    losses = [p["value"] for p in client.metrics(job["id"], "loss")]
+    margins = [p["value"] for p in client.metrics(job["id"], "rewards/margins")]
+    accuracies = [p["value"] for p in client.metrics(job["id"], "rewards/accuracies")]
+    tps = [p["value"] for p in client.metrics(job["id"], "tokens_per_second")]
+    times = [e["created_at"] for e in client.events(job["id"], limit=1000) if e["type"] == "metrics"]
+    steps = len(losses)
+    span = max(times[-1] - times[0], 1) if len(times) > 1 else 1
+    rows = [
+        ["loss", sparkline(losses), f"{losses[0]:.4f} → {losses[-1]:.4f} over {steps} steps"],
+        ["margin", sparkline(margins), f"{margins[0]:.3f} → {margins[-1]:.3f}"],
+        ["accuracy", sparkline(accuracies), f"{accuracies[-1]:.2f} at the last step"],
+        ["speed", "", f"{(steps - 1) / span:.2f} steps/s, {sum(tps) / max(len(tps), 1):.0f} tokens/s (CPU)"],
+        ["adapter", "", f"{adapter_dir} ({', '.join(sorted(p.name for p in adapter_dir.iterdir()))})"],
+        ["model", "", str(job["fine_tuned_model"])],
+    ]
+    out.line()
+    out.table(rows, ["", "curve", "value"], title="training")
+
+
+def _report_answers(prompts: list[str], before: list[str], after: list[str], out: Output) -> None:
+    """Each held-out question's answer before and after DPO, with its length in words."""
+    out.line()
+    out.line("held-out prompts, before → after DPO:", style="bold")
+    for prompt, b, a in zip(prompts, before, after, strict=True):
+        out.line()
+        out.line(f"  Q: {prompt}", style="bold")
+        out.line(f"  before ({len(b.split())} words): {b}")
+        out.line(f"  after  ({len(a.split())} words): {a}")
+    mean_before = sum(len(b.split()) for b in before) / len(before)
+    mean_after = sum(len(a.split()) for a in after) / len(after)
+    out.line()
+    out.line(f"mean answer length {mean_before:.1f} → {mean_after:.1f} words")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The entry point: the library noise goes to the log before anything loads; no traceback on screen."""
     parser = argparse.ArgumentParser(prog="alignd demo")
     parser.add_argument("--epochs", type=int, default=2)
-    return run(parser.parse_args(argv))
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct",
+                        help="base model (tests use tiny-random-llama to run the whole demo in seconds)")
+    args = parser.parse_args(argv)
+    log_path = Settings.from_env().data_dir / "demo.log"
+    log.addHandler(quiet_libraries(log_path))
+    out = Output()
+    try:
+        return run(args, out, log_path)
+    except KeyboardInterrupt:
+        out.line("demo stopped (Ctrl-C)")
+        return 130
+    except Exception as exc:  # one line on screen, the traceback in the log
+        log.exception("demo failed")
+        out.line(f"demo failed: {type(exc).__name__}: {exc} (traceback in {log_path})")
+        return 1
 
 
 if __name__ == "__main__":
