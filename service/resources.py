@@ -89,12 +89,17 @@ COMPLETION_SHARE = 0.5
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per parameter: a frozen or trained copy's weights, a full fine-tune's extra state, LoRA's."""
+    """The device's precision: bytes per parameter (a frozen or trained copy's weights, a full
+    fine-tune's extra state, LoRA's), per activation element kept for the backward pass, per
+    vocabulary entry of a logit row, and the device's fixed overhead."""
 
     name: str
     weight: int = BF16
     full_trainable_extra: int = 6   # grad 2 + AdamW m, v in bf16 (2 + 2)
     adapter: int = 16               # fp32 weight 4 + grad 4 + m 4 + v 4
+    activation: int = BF16
+    logit_per_vocab: int = LOGIT_BYTES_PER_VOCAB
+    overhead: int = OVERHEAD_BYTES
 
 
 RECIPE_PRECISION = Precision("recipe: bf16 weights, AdamW state in the parameter dtype, fp32 LoRA")
@@ -105,6 +110,12 @@ FSDP2_PRECISION = Precision("fsdp2: fp32 sharded master weights, fp32 grad and A
 #: Methods whose recipes shard a full fine-tune with FSDP2 (``workers.fsdp``)
 FSDP2_METHODS = frozenset({"supervised", "reward_model", "dpo"})
 FP32 = 4
+#: A CPU worker: the recipes keep everything in fp32 there (``workers.modeling.choose_precision``):
+#: weights 4, a full fine-tune's gradient 4 + AdamW moments 8, fp32 activations and logits (logits 4 +
+#: log-softmax 4 + gradient 4), and no CUDA context. ``bench/memory_estimate.py`` holds it to the
+#: measured peak RSS.
+CPU_FP32 = Precision("cpu: fp32 weights, activations and AdamW state", weight=FP32, full_trainable_extra=12,
+                     activation=FP32, logit_per_vocab=12, overhead=0)
 
 #: (LoRA copies, full copies, trainable models) per method; see the module docstring.
 METHOD_COPIES: dict[str, tuple[int, int, int]] = {
@@ -191,14 +202,14 @@ class ModelShape:
             total += r * (self.hidden_size + self.vocab_size)
         return total
 
-    def activation_bytes_per_token_layer(self) -> int:
+    def activation_bytes_per_token_layer(self, element: int = BF16) -> int:
         h, kv_d, i = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size
-        attention = BF16 * (5 * h + 2 * kv_d)
-        mlp = BF16 * (2 * h + (4 if self.gated_mlp else 2) * i)
+        attention = element * (5 * h + 2 * kv_d)
+        mlp = element * (2 * h + (4 if self.gated_mlp else 2) * i)
         return attention + mlp
 
-    def kv_cache_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * BF16
+    def kv_cache_bytes_per_token(self, element: int = BF16) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
 
 
 @dataclass(frozen=True)
@@ -276,19 +287,19 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
         trainable_state += model.hidden_size * 16
 
     tokens = _micro_sequences(job, devices) * seq
-    per_layer = model.activation_bytes_per_token_layer()
+    per_layer = model.activation_bytes_per_token_layer(precision.activation)
     if job.gradient_checkpointing:
-        activations = tokens * (model.num_layers * BF16 * model.hidden_size + per_layer)
+        activations = tokens * (model.num_layers * precision.activation * model.hidden_size + per_layer)
     else:
         activations = tokens * model.num_layers * per_layer
     activations *= trainable_models  # PPO backpropagates through the policy and the value model
     logits = 0 if job.method == "reward_model" else int(tokens * COMPLETION_SHARE) * model.vocab_size * \
-        LOGIT_BYTES_PER_VOCAB
+        precision.logit_per_vocab
     components = {"weights": weights // shard, "trainable_state": trainable_state // shard,
-                  "activations": activations, "logits": logits, "overhead": OVERHEAD_BYTES}
+                  "activations": activations, "logits": logits, "overhead": precision.overhead}
     if job.method in ("ppo", "reinforcement"):  # generation: batch_size x group_size sequences for RFT
         rollouts = math.ceil(job.rollout_batch_size / devices)
-        components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token()
+        components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token(precision.activation)
     if fsdp2:
         components |= fsdp2_unsharded(model)
     elif strategy == "fsdp":  # one layer gathered in full (and the next prefetched)
