@@ -275,7 +275,7 @@ def estimate(method: str, config: dict[str, Any], bench: Bench) -> int:
     job = JobShape(method=kind, lora=True, batch_size=s.micro if method in ("sft", "dpo") else s.group,
                    max_length=length, gradient_checkpointing=_checkpointing(config),
                    rollout_batch_size=s.prompts * s.group if method == "reinforcement" else s.ppo_prompts,
-                   mini_batch_size=s.ppo_mini)
+                   mini_batch_size=s.ppo_mini, reward_adapter=True)  # no reward model: one base copy
     precision = RECIPE_PRECISION if bench.device.type == "cuda" else CPU_FP32
     return estimate_memory(ModelShape.from_config(config), job, precision=precision).bytes
 

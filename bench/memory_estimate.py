@@ -171,7 +171,7 @@ def estimate(case: str) -> int:
     job = JobShape(method=method, lora=lora, lora_r=16 if lora else 0,
                    lora_target_modules=tuple(DEFAULT_TARGET_MODULES) if lora else (), batch_size=BATCH,
                    max_length=LENGTH, rollout_batch_size=BATCH * GROUP if method == "reinforcement" else BATCH,
-                   mini_batch_size=BATCH)
+                   mini_batch_size=BATCH, reward_adapter=method == "ppo")  # a LoRA reward model on the base
     shape = ModelShape.from_config(json.loads(CONFIG.read_text()))
     return estimate_memory(shape, job, precision=CPU_FP32).bytes
 

@@ -15,9 +15,12 @@ what the recipes actually do:
   reward_model          1      1      policy (+ a score head)
   dpo                   1      2      policy; the reference is the base with the adapter disabled
                                       (LoRA) or a frozen copy (full)
-  ppo                   3      4      policy + reference (shared under LoRA), value model
-                                      (trainable, initialised from the reward model), reward model
-                                      (frozen; sized from its own base when known)
+  ppo                   1-2    4      LoRA (the recipe's only mode): policy and value are adapters on
+                                      one frozen base, the reference is that base with the adapters
+                                      off; a LoRA reward model of the same base is a third adapter
+                                      (``JobShape.reward_adapter``: 1 copy), any other reward model
+                                      its own copy (2; sized from its own base when known). Full: the
+                                      classic four (policy, reference, value, reward)
   reinforcement         1      2      policy; the reference (kl_coef > 0) is the base with the
                                       adapters disabled (LoRA) or a frozen copy (full); model graders
                                       run on the worker too and are not counted
@@ -122,7 +125,7 @@ METHOD_COPIES: dict[str, tuple[int, int, int]] = {
     "supervised": (1, 1, 1),
     "reward_model": (1, 1, 1),
     "dpo": (1, 2, 1),
-    "ppo": (3, 4, 2),
+    "ppo": (2, 4, 2),
     "generate_preferences": (2, 2, 0),
     "reinforcement": (1, 2, 1),
 }
@@ -226,6 +229,8 @@ class JobShape:
     # PPO only
     rollout_batch_size: int = 16
     mini_batch_size: int = 4
+    #: the reward model is a LoRA of the job's own base: loaded as a third adapter, no copy of its own
+    reward_adapter: bool = False
 
 
 @dataclass
@@ -269,11 +274,13 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
     params = model.parameters()
     lora_copies, full_copies, trainable_models = METHOD_COPIES[job.method]
     copies = lora_copies if job.lora else full_copies
+    if job.method == "ppo" and job.lora and job.reward_adapter:
+        copies = 1
     seq = min(job.max_length, sequence_length) if sequence_length else job.max_length
 
     # weights: the reward model of a PPO job may have its own base
     copy_bytes = [params * precision.weight] * copies
-    if job.method == "ppo" and reward_model is not None:
+    if job.method == "ppo" and reward_model is not None and copies > 1:
         copy_bytes[-1] = reward_model.parameters() * precision.weight
     weights = sum(copy_bytes)
     if job.lora:
