@@ -40,7 +40,9 @@ what the recipes actually do:
   checkpointing only each layer's input (``2h``) is kept, plus one layer recomputed. A micro-batch
   is ``batch_size`` sequences (SFT), ``2·batch_size`` (DPO and reward models: chosen and rejected
   in one forward) or PPO's ``mini_batch_size`` through both the policy and the value model, each
-  of ``max_length`` tokens (or less when the file's analysis shows shorter examples). Under N-GPU
+  of ``max_length`` tokens (or less when the file's analysis shows shorter examples); reinforcement's
+  update takes the step's ``batch_size × group_size`` completions in ``gradient_accumulation_steps``
+  micro-batches. Under N-GPU
   data parallelism each device takes ``ceil(batch / N)``.
 * **Logits** only on completion tokens (``workers.pairs.PairLogps``; taken as half the tokens): bf16 logits
   + fp32 log-softmax + fp32 gradient = 10 bytes × vocabulary per token. Reward models score one
@@ -231,6 +233,8 @@ class JobShape:
     mini_batch_size: int = 4
     #: the reward model is a LoRA of the job's own base: loaded as a third adapter, no copy of its own
     reward_adapter: bool = False
+    #: reinforcement's update splits the step's batch_size x group_size completions into this many micro-batches
+    gradient_accumulation_steps: int = 1
 
 
 @dataclass
@@ -253,6 +257,8 @@ class MemoryEstimate:
 def _micro_sequences(job: JobShape, devices: int) -> int:
     if job.method == "ppo":
         return math.ceil(job.mini_batch_size / devices)
+    if job.method == "reinforcement":  # every completion of the step, in gradient_accumulation_steps parts
+        return math.ceil(math.ceil(job.rollout_batch_size / devices) / max(1, job.gradient_accumulation_steps))
     per_device = math.ceil(job.batch_size / devices)
     return 2 * per_device if job.method in ("dpo", "reward_model") else per_device
 

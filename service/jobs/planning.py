@@ -101,6 +101,7 @@ def job_shape(spec: JobCreate) -> JobShape:
         rollout_batch_size=int(getattr(hp, "rollout_batch_size", 16)) if spec.method.type != "reinforcement"
         else hp.batch_size * int(getattr(hp, "group_size", 8)),
         mini_batch_size=int(getattr(hp, "mini_batch_size", 4)),
+        gradient_accumulation_steps=int(hp.gradient_accumulation_steps),
     )
 
 
