@@ -26,7 +26,7 @@ ROWS = [{"prompt": f"What is {a} plus {b}?", "completion": f"{a + b}."} for a in
 def _sft(file_id: str) -> dict[str, Any]:
     return {"model": "tiny-random-llama", "training_file": file_id, "seed": 3,
             "method": {"type": "supervised", "supervised": {"hyperparameters": {
-                "batch_size": 4, "max_length": 32, "max_steps": 1}}}}
+                "batch_size": 4, "max_length": 128, "max_steps": 1}}}}
 
 
 def _process_facts(live: LiveService, job_id: str) -> dict[str, Any]:
@@ -50,9 +50,9 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
 
 def test_two_jobs_in_a_row_run_in_two_fresh_processes(live: LiveService) -> None:
     file_id = live.upload(ROWS, "sft.jsonl")["id"]
-    first = live.run(_sft(file_id))
-    second = live.run(_sft(file_id))
-    assert first["status"] == second["status"] == "succeeded"
+    first = live.run(_sft(file_id), timeout=240)
+    second = live.run(_sft(file_id), timeout=240)  # a process that refuses a second job leaves it queued
+    assert first["status"] == second["status"] == "succeeded", (first.get("error"), second.get("error"))
     a, b = _process_facts(live, first["id"]), _process_facts(live, second["id"])
     assert a["pid"] != b["pid"]  # the second job did not reuse the first one's process
     assert a["parent_pid"] == b["parent_pid"]  # ... yet both ran under the same worker
