@@ -140,3 +140,20 @@ def test_auto_picks_the_static_cache_on_cuda_only() -> None:
     assert cache_kind(torch.device("cpu")) == "dynamic"
     assert cache_kind(torch.device("cuda", 0)) == "static"
     assert cache_kind(torch.device("cpu"), "static") == "static"
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_compiled_static_decode_gives_the_dynamic_caches_tokens(
+        tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tokenizer = tiny
+    model = model.to("cuda")
+    queries, mask = (t.to("cuda") for t in prompts(tokenizer))
+    kwargs = {"group_size": 2, "max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "greedy": True,
+              "eos_ids": eos_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    dynamic = sample_groups(model, queries, mask, cache="dynamic", **kwargs)  # type: ignore[arg-type]
+    compiled = sample_groups(model, queries, mask, cache="auto", **kwargs)  # type: ignore[arg-type]
+    assert not model.__dict__.get("_alignd_compile_failed")
+    assert torch.equal(compiled.responses, dynamic.responses)
+    model.to("cpu")

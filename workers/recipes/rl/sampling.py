@@ -24,6 +24,7 @@ resumed job, whose RNG state comes back from its checkpoint, samples what the un
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from workers.batching import position_ids
+
+log = logging.getLogger("alignd.worker")
 
 
 class Interrupted(Exception):
@@ -96,14 +99,26 @@ def _decode_step(model: nn.Module, compiled: bool) -> Callable[..., Any]:
                     past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    if not compiled:
+    if not compiled or model.__dict__.get("_alignd_compile_failed"):
         return step
     # one compiled step per model, kept on it: the graph is reused across steps and calls of the same shapes
     cached = model.__dict__.get("_alignd_compiled_decode")
     if cached is None:
         cached = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
         model.__dict__["_alignd_compiled_decode"] = cached
-    return cached  # type: ignore[no-any-return]
+
+    def guarded(*args: Any) -> Tensor:
+        """Compiling can fail on an unusual model or torch build: sample eagerly then, and say so once."""
+        if model.__dict__.get("_alignd_compile_failed"):
+            return step(*args)
+        try:
+            return cached(*args)  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - the eager step computes the same tokens
+            log.warning("compiling the decode step failed; sampling without torch.compile", exc_info=True)
+            model.__dict__["_alignd_compile_failed"] = True
+            return step(*args)
+
+    return guarded
 
 
 def _draw(logits: Tensor, temperature: float, top_p: float, greedy: bool) -> Tensor:
