@@ -75,5 +75,6 @@ def test_on_cuda_the_estimate_holds_the_measured_peak_of_smollm2() -> None:
     for line in out.stdout.splitlines():
         if line.startswith("gpu_bench method="):
             r = dict(f.partition("=")[::2] for f in line.split()[1:])
-            ratio = int(r["estimate_bytes"]) / int(r["peak_memory_bytes"])
+            # max_memory_allocated counts tensors only: leave out the estimate's 1 GiB for the CUDA context
+            ratio = (int(r["estimate_bytes"]) - 2**30) / int(r["peak_memory_bytes"])
             assert 0.8 <= ratio <= 1.2, line
