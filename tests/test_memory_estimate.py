@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-CASES = ["sft:lora", "dpo:lora", "sft:full"]
+CASES = ["sft:full", "dpo:lora", "ppo:lora"]  # a full fine-tune's state, a reference pass, four roles
 
 
 @pytest.mark.timeout(600)
