@@ -117,10 +117,11 @@ FSDP2_METHODS = frozenset({"supervised", "reward_model", "dpo"})
 FP32 = 4
 #: A CPU worker: the recipes keep everything in fp32 there (``workers.modeling.choose_precision``):
 #: weights 4, a full fine-tune's gradient 4 + AdamW moments 8, fp32 activations and logits (logits 4 +
-#: log-softmax 4 + gradient 4), and no CUDA context. ``bench/memory_estimate.py`` holds it to the
-#: measured peak RSS.
+#: log-softmax 4 + gradient 4), and no CUDA context: the overhead is the host process's own (the
+#: tokenizer, the tokenised data, the allocator's slack; 50-150 MB measured). ``bench/memory_estimate.py``
+#: holds it to the measured peak RSS.
 CPU_FP32 = Precision("cpu: fp32 weights, activations and AdamW state", weight=FP32, full_trainable_extra=12,
-                     activation=FP32, logit_per_vocab=12, overhead=0)
+                     activation=FP32, logit_per_vocab=12, overhead=64 << 20)
 
 #: (LoRA copies, full copies, trainable models) per method; see the module docstring.
 METHOD_COPIES: dict[str, tuple[int, int, int]] = {
