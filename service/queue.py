@@ -28,6 +28,9 @@ def make_celery(settings: Settings) -> Celery:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # a fresh pool process per task: CUDA does not survive a fork, and a job's GPU memory must not
+        # be left to the next one (workers/process_model.py)
+        "worker_max_tasks_per_child": 1,
         "task_ignore_result": True,
         "task_default_queue": settings.broker.queue,
         "task_routes": {TRAIN_TASK: {"queue": settings.broker.queue}},

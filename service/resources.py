@@ -15,9 +15,12 @@ what the recipes actually do:
   reward_model          1      1      policy (+ a score head)
   dpo                   1      2      policy; the reference is the base with the adapter disabled
                                       (LoRA) or a frozen copy (full)
-  ppo                   3      4      policy + reference (shared under LoRA), value model
-                                      (trainable, initialised from the reward model), reward model
-                                      (frozen; sized from its own base when known)
+  ppo                   1-2    4      LoRA (the recipe's only mode): policy and value are adapters on
+                                      one frozen base, the reference is that base with the adapters
+                                      off; a LoRA reward model of the same base is a third adapter
+                                      (``JobShape.reward_adapter``: 1 copy), any other reward model
+                                      its own copy (2; sized from its own base when known). Full: the
+                                      classic four (policy, reference, value, reward)
   reinforcement         1      2      policy; the reference (kl_coef > 0) is the base with the
                                       adapters disabled (LoRA) or a frozen copy (full); model graders
                                       run on the worker too and are not counted
@@ -37,7 +40,9 @@ what the recipes actually do:
   checkpointing only each layer's input (``2h``) is kept, plus one layer recomputed. A micro-batch
   is ``batch_size`` sequences (SFT), ``2·batch_size`` (DPO and reward models: chosen and rejected
   in one forward) or PPO's ``mini_batch_size`` through both the policy and the value model, each
-  of ``max_length`` tokens (or less when the file's analysis shows shorter examples). Under N-GPU
+  of ``max_length`` tokens (or less when the file's analysis shows shorter examples); reinforcement's
+  update takes the step's ``batch_size × group_size`` completions in ``gradient_accumulation_steps``
+  micro-batches. Under N-GPU
   data parallelism each device takes ``ceil(batch / N)``.
 * **Logits** only on completion tokens (``workers.pairs.PairLogps``; taken as half the tokens): bf16 logits
   + fp32 log-softmax + fp32 gradient = 10 bytes × vocabulary per token. Reward models score one
@@ -89,12 +94,17 @@ COMPLETION_SHARE = 0.5
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per parameter: a frozen or trained copy's weights, a full fine-tune's extra state, LoRA's."""
+    """The device's precision: bytes per parameter (a frozen or trained copy's weights, a full
+    fine-tune's extra state, LoRA's), per activation element kept for the backward pass, per
+    vocabulary entry of a logit row, and the device's fixed overhead."""
 
     name: str
     weight: int = BF16
     full_trainable_extra: int = 6   # grad 2 + AdamW m, v in bf16 (2 + 2)
     adapter: int = 16               # fp32 weight 4 + grad 4 + m 4 + v 4
+    activation: int = BF16
+    logit_per_vocab: int = LOGIT_BYTES_PER_VOCAB
+    overhead: int = OVERHEAD_BYTES
 
 
 RECIPE_PRECISION = Precision("recipe: bf16 weights, AdamW state in the parameter dtype, fp32 LoRA")
@@ -105,13 +115,20 @@ FSDP2_PRECISION = Precision("fsdp2: fp32 sharded master weights, fp32 grad and A
 #: Methods whose recipes shard a full fine-tune with FSDP2 (``workers.fsdp``)
 FSDP2_METHODS = frozenset({"supervised", "reward_model", "dpo"})
 FP32 = 4
+#: A CPU worker: the recipes keep everything in fp32 there (``workers.modeling.choose_precision``):
+#: weights 4, a full fine-tune's gradient 4 + AdamW moments 8, fp32 activations and logits (logits 4 +
+#: log-softmax 4 + gradient 4), and no CUDA context: the overhead is the host process's own (the
+#: tokenizer, the tokenised data, the allocator's slack; 50-150 MB measured). ``bench/memory_estimate.py``
+#: holds it to the measured peak RSS.
+CPU_FP32 = Precision("cpu: fp32 weights, activations and AdamW state", weight=FP32, full_trainable_extra=12,
+                     activation=FP32, logit_per_vocab=12, overhead=64 << 20)
 
 #: (LoRA copies, full copies, trainable models) per method; see the module docstring.
 METHOD_COPIES: dict[str, tuple[int, int, int]] = {
     "supervised": (1, 1, 1),
     "reward_model": (1, 1, 1),
     "dpo": (1, 2, 1),
-    "ppo": (3, 4, 2),
+    "ppo": (2, 4, 2),
     "generate_preferences": (2, 2, 0),
     "reinforcement": (1, 2, 1),
 }
@@ -191,14 +208,14 @@ class ModelShape:
             total += r * (self.hidden_size + self.vocab_size)
         return total
 
-    def activation_bytes_per_token_layer(self) -> int:
+    def activation_bytes_per_token_layer(self, element: int = BF16) -> int:
         h, kv_d, i = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size
-        attention = BF16 * (5 * h + 2 * kv_d)
-        mlp = BF16 * (2 * h + (4 if self.gated_mlp else 2) * i)
+        attention = element * (5 * h + 2 * kv_d)
+        mlp = element * (2 * h + (4 if self.gated_mlp else 2) * i)
         return attention + mlp
 
-    def kv_cache_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * BF16
+    def kv_cache_bytes_per_token(self, element: int = BF16) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
 
 
 @dataclass(frozen=True)
@@ -215,6 +232,10 @@ class JobShape:
     # PPO only
     rollout_batch_size: int = 16
     mini_batch_size: int = 4
+    #: the reward model is a LoRA of the job's own base: loaded as a third adapter, no copy of its own
+    reward_adapter: bool = False
+    #: reinforcement's update splits the step's batch_size x group_size completions into this many micro-batches
+    gradient_accumulation_steps: int = 1
 
 
 @dataclass
@@ -237,6 +258,8 @@ class MemoryEstimate:
 def _micro_sequences(job: JobShape, devices: int) -> int:
     if job.method == "ppo":
         return math.ceil(job.mini_batch_size / devices)
+    if job.method == "reinforcement":  # every completion of the step, in gradient_accumulation_steps parts
+        return math.ceil(math.ceil(job.rollout_batch_size / devices) / max(1, job.gradient_accumulation_steps))
     per_device = math.ceil(job.batch_size / devices)
     return 2 * per_device if job.method in ("dpo", "reward_model") else per_device
 
@@ -258,11 +281,13 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
     params = model.parameters()
     lora_copies, full_copies, trainable_models = METHOD_COPIES[job.method]
     copies = lora_copies if job.lora else full_copies
+    if job.method == "ppo" and job.lora and job.reward_adapter:
+        copies = 1
     seq = min(job.max_length, sequence_length) if sequence_length else job.max_length
 
     # weights: the reward model of a PPO job may have its own base
     copy_bytes = [params * precision.weight] * copies
-    if job.method == "ppo" and reward_model is not None:
+    if job.method == "ppo" and reward_model is not None and copies > 1:
         copy_bytes[-1] = reward_model.parameters() * precision.weight
     weights = sum(copy_bytes)
     if job.lora:
@@ -276,19 +301,19 @@ def estimate_memory(model: ModelShape, job: JobShape, *, devices: int = 1, strat
         trainable_state += model.hidden_size * 16
 
     tokens = _micro_sequences(job, devices) * seq
-    per_layer = model.activation_bytes_per_token_layer()
+    per_layer = model.activation_bytes_per_token_layer(precision.activation)
     if job.gradient_checkpointing:
-        activations = tokens * (model.num_layers * BF16 * model.hidden_size + per_layer)
+        activations = tokens * (model.num_layers * precision.activation * model.hidden_size + per_layer)
     else:
         activations = tokens * model.num_layers * per_layer
     activations *= trainable_models  # PPO backpropagates through the policy and the value model
     logits = 0 if job.method == "reward_model" else int(tokens * COMPLETION_SHARE) * model.vocab_size * \
-        LOGIT_BYTES_PER_VOCAB
+        precision.logit_per_vocab
     components = {"weights": weights // shard, "trainable_state": trainable_state // shard,
-                  "activations": activations, "logits": logits, "overhead": OVERHEAD_BYTES}
+                  "activations": activations, "logits": logits, "overhead": precision.overhead}
     if job.method in ("ppo", "reinforcement"):  # generation: batch_size x group_size sequences for RFT
         rollouts = math.ceil(job.rollout_batch_size / devices)
-        components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token()
+        components["kv_cache"] = rollouts * seq * model.kv_cache_bytes_per_token(precision.activation)
     if fsdp2:
         components |= fsdp2_unsharded(model)
     elif strategy == "fsdp":  # one layer gathered in full (and the next prefetched)

@@ -149,7 +149,9 @@ def test_ppo_job_raises_the_reward_models_score(live: LiveService, tmp_path: Pat
             "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
             "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/explained_variance",
             "val/response_length_mean", "val/eos_rate", "time/generation", "time/scoring",
-            "time/optimization", "kl_coef", "learning_rate"} <= names
+            "time/optimization", "timing/generation_share", "kl_coef", "learning_rate"} <= names
+    shares = live.metric(done["id"], "timing/generation_share")
+    assert len(shares) == 12 and all(0 < s < 1 for s in shares)
     log = events(live, done["id"])
     assert any("third LoRA adapter" in e["message"] for e in log)
     final = log[-1]

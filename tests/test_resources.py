@@ -86,13 +86,17 @@ def test_ppo_7b_roles() -> None:
     assert full.components["kv_cache"] == 4 * 512 * (32 * 2 * 32 * 128 * 2)
     assert full.bytes == 142_299_381_760  # 132.5 GiB
     lora = estimate_memory(LLAMA2_7B, JobShape("ppo", lora=True, **job))  # type: ignore[arg-type]
-    assert lora.model_copies == 3  # policy + reference share the base; value; reward model
-    assert lora.components["weights"] == 3 * P7B * 2
+    # policy, value (adapters) and reference (adapters off) share the base; a separate reward model
+    assert lora.model_copies == 2
+    assert lora.components["weights"] == 2 * P7B * 2
     assert lora.components["trainable_state"] == 2 * LORA7B * 16 + 4096 * 16
-    assert lora.bytes == 48_498_434_048
+    assert lora.bytes == 48_498_434_048 - P7B * 2  # the seed's three copies, less the value model's
+    # a LoRA reward model of the same base is a third adapter: one copy of the base for all four roles
+    shared = estimate_memory(LLAMA2_7B, JobShape("ppo", lora=True, reward_adapter=True, **job))  # type: ignore[arg-type]
+    assert shared.model_copies == 1 and shared.components["weights"] == P7B * 2
     # a reward model on a smaller base is sized from its own config
     small_rm = estimate_memory(LLAMA2_7B, JobShape("ppo", lora=True, **job), reward_model=SMOLLM2)  # type: ignore[arg-type]
-    assert small_rm.components["weights"] == 2 * P7B * 2 + 134_515_008 * 2
+    assert small_rm.components["weights"] == P7B * 2 + 134_515_008 * 2
 
 
 def test_smollm2_estimates() -> None:

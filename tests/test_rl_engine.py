@@ -319,6 +319,7 @@ def test_dropout_is_off_so_the_first_update_has_ratio_one(tmp_path: Path, reward
         assert values["val/ratio"] == pytest.approx(1.0, abs=1e-5), step
         assert values["policy/clipfrac_avg"] == 0.0, step
         assert values["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-6), step
+        assert 0 < values["timing/generation_share"] < 1, step  # sampling's share of the step, every step
     files = archive_files(ctx.store, final_adapter_key(ctx.job_id, attempt=ctx.attempt), tmp_path)
     assert json.loads(files["adapter_config.json"])["lora_dropout"] == 0.5
     assert "value_head.safetensors" not in files  # the result is the policy alone

@@ -101,3 +101,59 @@ def test_should_stop_ends_sampling_early(tiny: tuple[PreTrainedModel, PreTrained
     samples = sample_groups(model, queries, mask, group_size=2, max_new_tokens=50, temperature=1.0, top_p=1.0,
                             eos_ids=[-1], pad_token_id=tokenizer.pad_token_id, should_stop=stop)
     assert samples.stopped and samples.responses.shape[1] == 2
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_static_cache_gives_the_dynamic_caches_greedy_tokens(
+        tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], group: int) -> None:
+    """The CUDA path's cache (``StaticCache``, full-width mask filled in place) against the CPU path's,
+    and both against transformers' own greedy ``generate``."""
+    model, tokenizer = tiny
+    queries, mask = prompts(tokenizer)
+    eos = eos_token_ids(model, tokenizer)
+    kwargs = {"group_size": group, "max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0, "eos_ids": eos,
+              "pad_token_id": tokenizer.pad_token_id, "greedy": True}
+    dynamic = sample_groups(model, queries, mask, cache="dynamic", **kwargs)  # type: ignore[arg-type]
+    static = sample_groups(model, queries, mask, cache="static", **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(static.responses, dynamic.responses)
+    assert torch.equal(static.mask, dynamic.mask) and torch.equal(static.has_eos, dynamic.has_eos)
+    config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=queries, attention_mask=mask, generation_config=config)
+    theirs = out[:, queries.shape[1]:].repeat_interleave(group, dim=0)
+    width = min(theirs.shape[1], static.responses.shape[1])
+    assert torch.equal(static.responses[:, :width], theirs[:, :width])
+    # sampled under one seed the two caches draw the same tokens too (a random model's greedy answer is dull)
+    kwargs |= {"greedy": False, "temperature": 0.8}
+    torch.manual_seed(5)
+    dynamic = sample_groups(model, queries, mask, cache="dynamic", **kwargs)  # type: ignore[arg-type]
+    torch.manual_seed(5)
+    static = sample_groups(model, queries, mask, cache="static", **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(static.responses, dynamic.responses)
+    assert len({tuple(r) for r in static.responses.tolist()}) > 1  # rows differ: a real comparison
+
+
+def test_auto_picks_the_static_cache_on_cuda_only() -> None:
+    from workers.recipes.rl.sampling import cache_kind
+
+    assert cache_kind(torch.device("cpu")) == "dynamic"
+    assert cache_kind(torch.device("cuda", 0)) == "static"
+    assert cache_kind(torch.device("cpu"), "static") == "static"
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_compiled_static_decode_gives_the_dynamic_caches_tokens(
+        tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tokenizer = tiny
+    model = model.to("cuda")
+    queries, mask = (t.to("cuda") for t in prompts(tokenizer))
+    kwargs = {"group_size": 2, "max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "greedy": True,
+              "eos_ids": eos_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    dynamic = sample_groups(model, queries, mask, cache="dynamic", **kwargs)  # type: ignore[arg-type]
+    compiled = sample_groups(model, queries, mask, cache="auto", **kwargs)  # type: ignore[arg-type]
+    assert not model.__dict__.get("_alignd_compile_failed")
+    assert torch.equal(compiled.responses, dynamic.responses)
+    model.to("cpu")

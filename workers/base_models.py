@@ -243,6 +243,25 @@ def _create_tiny_random_llama(out: Path) -> None:
     _save(model, tokenizer, out)
 
 
+def random_model(target: Path, config: dict[str, Any], seed: int = 0) -> Path:
+    """A model of ``config``'s architecture (a ``config.json`` dict) with seeded random weights and SmolLM2's
+    tokenizer, materialised once at ``target``: memory and speed measurements (``bench/``) need the shape
+    of a real model, not its weights. The vocabulary must be SmolLM2's (49152) for the tokenizer to fit."""
+
+    def build(out: Path) -> None:
+        tokenizer = _smollm2_tokenizer()
+        values = dict(config)
+        built = AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+        built.bos_token_id, built.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        built.pad_token_id = tokenizer.pad_token_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(built)
+        _save(model, tokenizer, out)
+
+    return materialise(target, build)
+
+
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     model.generation_config = _generation_config(tokenizer)
     model.save_pretrained(str(out))

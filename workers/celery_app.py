@@ -11,4 +11,5 @@ from service.settings import Settings
 quiet_libraries()
 settings = Settings.from_env()
 app = make_celery(settings)
-app.conf.imports = ("workers.tasks", "workers.graders.tasks", "workers.shutdown")  # shutdown: SIGTERM hands back
+app.conf.imports = ("workers.tasks", "workers.graders.tasks", "workers.shutdown",  # shutdown: SIGTERM hands back
+                    "workers.process_model")  # a fresh process per job, a torch-free parent

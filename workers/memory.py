@@ -3,9 +3,9 @@
 Per job (sampled at every reported step, see ``workers.reporting``):
 
 - ``memory/host_peak_rss_bytes``: the kernel's high-water mark of resident memory (``VmHWM``),
-  reset when the job starts by writing ``5`` to ``/proc/self/clear_refs`` (a Celery pool process
-  runs many jobs, so its lifetime peak would belong to an earlier one). Where that reset is refused,
-  the peak of the RSS sampled at each report is used instead.
+  reset when the job starts by writing ``5`` to ``/proc/self/clear_refs`` (each job has a fresh pool
+  process, ``workers.process_model``, but the process's imports before the job are not
+  the job's). Where that reset is refused, the peak of the RSS sampled at each report is used instead.
 - ``memory/gpu_peak_allocated_bytes/<device>``: ``torch.cuda.max_memory_allocated`` per CUDA device
   this process has used, reset when the job starts. torch is only looked at when the recipe has
   already imported it.

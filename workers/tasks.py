@@ -19,6 +19,7 @@ from workers.celery_app import app, settings
 from workers.launch import supervise
 from workers.metrics_server import serve_worker_metrics
 from workers.multinode import run_multinode
+from workers.process_model import ensure_fresh_process, job_process_facts
 from workers.reporting import Heartbeat, Reporter
 from workers.runner import run_claimed
 
@@ -37,6 +38,7 @@ def worker_state(settings: Settings) -> AppState:
 
 @app.task(name=TRAIN_TASK, acks_late=True)
 def train(job_id: str) -> None:
+    ensure_fresh_process()  # a new pool process per job, forked from a torch-free parent (process_model)
     run_job(job_id, settings, worker=train.request.hostname)
 
 
@@ -57,6 +59,10 @@ def run_job(job_id: str, settings: Settings, worker: str | None = None) -> str:
     reporter = Reporter(state.sessions, job_id, attempt)
     try:
         with Heartbeat(reporter):
+            single = int(resources.get("nodes") or 1) == 1 and int(resources.get("gpus") or 1) == 1
+            facts = job_process_facts(cuda=single)  # the ranks of a multi-GPU job are processes of their own
+            reporter.event(f"Training process {facts['pid']} started on {worker or 'this worker'}",
+                           data={**facts, "worker": worker})
             if int(resources.get("nodes") or 1) > 1:  # a node group (JobSet, or local process groups)
                 return run_multinode(state, job_id, resources, attempt)
             if int(resources.get("gpus") or 1) > 1:

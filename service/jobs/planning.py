@@ -9,7 +9,7 @@ base model's config (following ``ft:`` models back to their base), the training 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service.db.models import File, Job
@@ -101,7 +101,18 @@ def job_shape(spec: JobCreate) -> JobShape:
         rollout_batch_size=int(getattr(hp, "rollout_batch_size", 16)) if spec.method.type != "reinforcement"
         else hp.batch_size * int(getattr(hp, "group_size", 8)),
         mini_batch_size=int(getattr(hp, "mini_batch_size", 4)),
+        gradient_accumulation_steps=int(hp.gradient_accumulation_steps),
     )
+
+
+def reward_is_adapter(repo: OrgRepository, model: str, reward_name: str) -> bool:
+    """Whether PPO's recipe will load the reward model as an adapter on the policy's base: a LoRA reward
+    model trained on exactly the weights this job starts from (the same base and parent fine-tunes)."""
+    job = repo.job_by_fine_tuned_model(reward_name)
+    if job is None or (job.training_type or {}).get("type", "lora") != "lora":
+        return False
+    mine, theirs = repo.lineage(model), repo.lineage(job.model)
+    return (mine.base, mine.adapter_keys) == (theirs.base, theirs.adapter_keys)
 
 
 def _file_tokens(f: File, method: str) -> tuple[int, int | None]:
@@ -143,14 +154,16 @@ def plan_job(repo: OrgRepository, settings: Settings, spec: JobCreate) -> JobPla
     base = base_model_of(repo, spec.model)
     model = _shape(settings, base, notes)
     reward_shape = None
+    shape = job_shape(spec)
     reward_name = getattr(spec.method.hyperparameters(), "reward_model", None)
     if spec.method.type == "ppo" and reward_name:
         reward_shape = _shape(settings, base_model_of(repo, reward_name), notes)
+        shape = replace(shape, reward_adapter=reward_is_adapter(repo, spec.model, reward_name))
     training_file = repo.get_file(spec.training_file, "training_file")
     tokens_per_epoch, longest = _file_tokens(training_file, spec.method.type)
     nodes, gpus = resource_layout(spec)
     try:
-        placement = place(settings.placement.queues, model, job_shape(spec), devices=gpus, nodes=nodes,
+        placement = place(settings.placement.queues, model, shape, devices=gpus, nodes=nodes,
                           sequence_length=longest, reward_model=reward_shape)
     except InsufficientResources as exc:
         raise APIError(400, exc.message, code="insufficient_resources", param="resources") from None

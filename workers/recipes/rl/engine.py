@@ -355,6 +355,7 @@ class PPOEngine:
 
     def step(self, batch: Sequence[Prompt], step: int) -> tuple[Rollout, dict[str, float]]:
         """One PPO step: rollout, advantages, updates, and the KL controller's update after them."""
+        step_began = time.perf_counter()
         r, timing = self.rollout(batch, stop=self.should_stop)
         adv = self.advantages(r)
         metrics = self.rollout_metrics(r, adv)
@@ -362,5 +363,6 @@ class PPOEngine:
         metrics |= self.optimize(r, adv, step)
         metrics["time/optimization"] = time.perf_counter() - began
         metrics |= timing
+        metrics["timing/generation_share"] = timing["time/generation"] / max(time.perf_counter() - step_began, 1e-9)
         self.kl_ctl.update(metrics["objective/kl"], len(r))
         return r, metrics

@@ -22,7 +22,8 @@ Features
   ``val/explained_variance``, ``val/response_length_mean``, ``val/eos_rate``, ``val/num_eos_tokens``,
   ``kl_coef``, ``episode``, ``loss``, ``grad_norm``, ``learning_rate`` (the mean rate the step's
   updates used), ``objective/scores_raw`` (before ``missing_eos_penalty``), ``time/generation``,
-  ``time/scoring``, ``time/optimization``. ``objective/entropy`` is the exact entropy of the sampling
+  ``time/scoring``, ``time/optimization``, ``timing/generation_share`` (sampling's share of the step's
+  time, the number the GPU targets hold to ≤ 0.5). ``objective/entropy`` is the exact entropy of the sampling
   distribution summed over the response (TRL logs the sampled estimate ``-log p``).
 - Alarms (warn events): KL above 10 x ``target_kl`` (10 nats per sequence without a target); the
   score rising while KL explodes (``core.reward_hacking``); skipped non-finite updates.

@@ -1,0 +1,86 @@
+"""One fresh process per job, forked from a main process that never imported torch.
+
+CUDA does not survive a ``fork``: a child forked from a process that initialised CUDA cannot use the
+GPU, and a process that ran one job keeps that job's cached GPU memory (and its allocator's
+fragmentation) for the next. So the worker runs Celery's prefork pool with
+``worker_max_tasks_per_child=1`` (``service.queue.make_celery``): the main process only receives
+messages and forks; each job runs in a new pool process, which exits when the job ends and so hands
+every byte of host and GPU memory back to the system. The next job gets a new process whose CUDA
+state starts empty.
+
+That only holds while the main process stays free of torch (the import alone loads the CUDA runtime
+libraries, and any ``torch.cuda`` call in the parent would break every child). Nothing the worker
+imports at start-up imports torch (``tests/test_worker_processes.py`` checks the main process's
+memory map); this module enforces it at run time:
+
+* :func:`note_fork` runs in every pool process right after the fork (``worker_process_init``) and
+  records whether torch was already in ``sys.modules`` — i.e. whether the main process imported it;
+* :func:`ensure_fresh_process` runs at the start of every ``alignd.train`` task and refuses (raises
+  :class:`ProcessModelError`) to run a job in a process forked from a parent that imported torch, or
+  in a process that already ran a job (``worker_max_tasks_per_child`` not 1). The message then is
+  not acked as done: the job stays ``queued`` in the database and the reconciler re-publishes it;
+* :func:`job_process_facts` is what the job's "Training process" event records: the process id (tests
+  compare two jobs' ids), the parent's, and, on CUDA, the memory the new process starts with.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from celery.signals import worker_process_init
+
+#: Set in each pool process right after the fork: torch was already imported by the main process.
+_inherited_torch: bool | None = None
+_jobs_run = 0
+
+
+class ProcessModelError(RuntimeError):
+    """The process a job was about to run in is not a fresh child of a torch-free main process."""
+
+
+def torch_imported() -> bool:
+    return "torch" in sys.modules
+
+
+@worker_process_init.connect
+def note_fork(**_: Any) -> None:
+    """In a new pool process, before it runs anything: what it inherited from the main process."""
+    global _inherited_torch, _jobs_run
+    _inherited_torch = torch_imported()
+    _jobs_run = 0
+
+
+def ensure_fresh_process() -> None:
+    """Raise unless this pool process is new and its parent never imported torch (module docstring)."""
+    global _jobs_run
+    if _inherited_torch:
+        raise ProcessModelError(
+            "the worker's main process imported torch before forking this job's process; CUDA would not "
+            "work here. Something imported at worker start-up pulls torch in: import it lazily")
+    if _jobs_run:
+        raise ProcessModelError(
+            f"process {os.getpid()} already ran a job; every job needs a fresh process "
+            "(worker_max_tasks_per_child=1 with the prefork pool)")
+    _jobs_run += 1
+
+
+def job_process_facts(*, cuda: bool = True) -> dict[str, Any]:
+    """The training process's id and parent, and (``cuda``, on a GPU worker) its CUDA memory at job start.
+
+    Initialising CUDA here is fine: this is the job's own process, which is about to use the GPU."""
+    facts: dict[str, Any] = {"pid": os.getpid(), "parent_pid": os.getppid()}
+    if not cuda:
+        return facts
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.init()
+        facts["cuda_memory_at_start"] = {"allocated": int(torch.cuda.memory_allocated()),
+                                         "max_allocated": int(torch.cuda.max_memory_allocated()),
+                                         "reserved": int(torch.cuda.memory_reserved())}
+    return facts
+
+
+__all__ = ["ProcessModelError", "ensure_fresh_process", "job_process_facts", "note_fork", "torch_imported"]
