@@ -1,9 +1,9 @@
-"""The worker's process model: every job in a fresh process, forked from a main process without torch.
+"""The worker's process model: every job in a fresh process, forked from a main process without CUDA.
 
-Two jobs in a row on one real worker (``alignd worker``'s command line, the module-scoped ``live``
-fixture) must run in two different processes that are both children of the same main process, each
-gone once its job ended, and the main process must never have loaded torch (its memory map has no
-``libtorch``). ``workers.process_model``'s run-time guard is checked in subprocesses of its own.
+Two jobs in a row on one real worker (``alignd worker``'s command line, the ``live`` fixture) must run
+in two different processes that are both children of the same main process, each gone once its job
+ended; the main process preloaded torch (its memory map has ``libtorch``: jobs fork warm) and never
+initialised CUDA. ``workers.process_model``'s run-time guard is checked in subprocesses of its own.
 On CUDA (``-m gpu``) the second job's process must start with no GPU memory allocated.
 """
 
@@ -59,30 +59,40 @@ def test_two_jobs_in_a_row_run_in_two_fresh_processes(live: LiveService) -> None
     assert a["worker"] == b["worker"]
     assert _gone(a["pid"]) and _gone(b["pid"])  # each job's process exited with its job
     maps = Path(f"/proc/{a['parent_pid']}/maps").read_text()
-    assert "libtorch" not in maps and "libc10" not in maps  # the main process never loaded torch
+    assert "libtorch" in maps  # the main process preloaded the training stack: each job forks warm
+    assert a["parent_cuda_initialized"] is False and b["parent_cuda_initialized"] is False
 
 
 def _guard(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_the_guard_refuses_a_second_job_and_a_parent_that_imported_torch() -> None:
+def test_the_guard_refuses_a_second_job_and_a_parent_that_initialised_cuda() -> None:
     ok = _guard("from workers import process_model as p\np.note_fork()\np.ensure_fresh_process()\nprint('ran')")
     assert ok.returncode == 0 and "ran" in ok.stdout, ok.stderr
     again = _guard("from workers import process_model as p\np.note_fork()\np.ensure_fresh_process()\n"
                    "p.ensure_fresh_process()")
     assert again.returncode != 0 and "already ran a job" in again.stderr
-    torch_first = _guard("import torch\nfrom workers import process_model as p\np.note_fork()\n"
-                         "p.ensure_fresh_process()")
-    assert torch_first.returncode != 0 and "imported torch" in torch_first.stderr
+    torch_only = _guard("import torch\nfrom workers import process_model as p\np.note_fork()\n"
+                        "p.ensure_fresh_process()\nprint('ran')")
+    assert torch_only.returncode == 0 and "ran" in torch_only.stdout, torch_only.stderr  # importing is fine
+    # a parent that initialised CUDA (this CPU machine has none: torch's own flag stands in for it)
+    cuda_first = _guard("import torch\ntorch.cuda.is_initialized = lambda: True\n"
+                        "from workers import process_model as p\np.note_fork()\np.ensure_fresh_process()")
+    assert cuda_first.returncode != 0 and "initialised CUDA" in cuda_first.stderr
 
 
-def test_the_workers_start_up_imports_do_not_import_torch() -> None:
-    script = ("import sys\nimport workers.celery_app, workers.tasks, workers.graders.tasks, workers.shutdown\n"
-              "print(sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules))")
+def test_the_preload_imports_the_training_stack_without_initialising_cuda() -> None:
+    script = ("import sys\nimport workers.celery_app, workers.tasks\nfrom workers import process_model as p\n"
+              "before = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+              "p.preload_training_stack()\n"
+              "after = sorted(m for m in ('torch', 'transformers', 'peft', 'workers.recipes.dpo', "
+              "'workers.recipes.rl.reinforcement') if m in sys.modules)\n"
+              "print(before, after, p.cuda_initialized())")
     out = _guard(script)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == ("[] ['peft', 'torch', 'transformers', 'workers.recipes.dpo', "
+                                  "'workers.recipes.rl.reinforcement'] False")
 
 
 @pytest.mark.gpu

@@ -12,4 +12,4 @@ quiet_libraries()
 settings = Settings.from_env()
 app = make_celery(settings)
 app.conf.imports = ("workers.tasks", "workers.graders.tasks", "workers.shutdown",  # shutdown: SIGTERM hands back
-                    "workers.process_model")  # a fresh process per job, a torch-free parent
+                    "workers.process_model")  # a fresh process per job, forked warm from a CUDA-free parent

@@ -1,4 +1,4 @@
-"""One fresh process per job, forked from a main process that never imported torch.
+"""One fresh process per job, forked from a main process that never initialised CUDA.
 
 CUDA does not survive a ``fork``: a child forked from a process that initialised CUDA cannot use the
 GPU, and a process that ran one job keeps that job's cached GPU memory (and its allocator's
@@ -8,15 +8,16 @@ messages and forks; each job runs in a new pool process, which exits when the jo
 every byte of host and GPU memory back to the system. The next job gets a new process whose CUDA
 state starts empty.
 
-That only holds while the main process stays free of torch (the import alone loads the CUDA runtime
-libraries, and any ``torch.cuda`` call in the parent would break every child). Nothing the worker
-imports at start-up imports torch (``tests/test_worker_processes.py`` checks the main process's
-memory map); this module enforces it at run time:
+Importing torch is not initialising CUDA (that happens on the first ``torch.cuda`` call that needs a
+device), and a fork after the import is what PyTorch's own DataLoader workers do. So the main process
+*preloads* the training stack at start-up (:func:`preload_training_stack`, on ``worker_init``): each
+job's process is forked warm instead of spending seconds importing torch, transformers and peft
+again. What the main process must never do is touch CUDA; this module enforces it at run time:
 
 * :func:`note_fork` runs in every pool process right after the fork (``worker_process_init``) and
-  records whether torch was already in ``sys.modules`` — i.e. whether the main process imported it;
+  records whether the main process had initialised CUDA (torch's state is inherited by the fork);
 * :func:`ensure_fresh_process` runs at the start of every ``alignd.train`` task and refuses (raises
-  :class:`ProcessModelError`) to run a job in a process forked from a parent that imported torch, or
+  :class:`ProcessModelError`) to run a job in a process forked from a parent that initialised CUDA, or
   in a process that already ran a job (``worker_max_tasks_per_child`` not 1). The message then is
   not acked as done: the job stays ``queued`` in the database and the reconciler re-publishes it;
 * :func:`job_process_facts` is what the job's "Training process" event records: the process id (tests
@@ -29,36 +30,50 @@ import os
 import sys
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
-#: Set in each pool process right after the fork: torch was already imported by the main process.
-_inherited_torch: bool | None = None
+#: Set in each pool process right after the fork: the main process had initialised CUDA.
+_inherited_cuda: bool | None = None
 _jobs_run = 0
 
 
 class ProcessModelError(RuntimeError):
-    """The process a job was about to run in is not a fresh child of a torch-free main process."""
+    """The process a job was about to run in is not a fresh child of a CUDA-free main process."""
 
 
-def torch_imported() -> bool:
-    return "torch" in sys.modules
+def cuda_initialized() -> bool:
+    """Whether this process (or, right after a fork, its parent) initialised CUDA; never initialises it."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+@worker_init.connect
+def preload_training_stack(**_: Any) -> None:
+    """In the main process, before the pool forks: import torch, transformers, peft and every recipe
+    (no CUDA call), so that each job's fresh process starts with them loaded."""
+    import importlib
+
+    from workers.recipes import RECIPES
+
+    for target in RECIPES.values():
+        importlib.import_module(target.partition(":")[0])
 
 
 @worker_process_init.connect
 def note_fork(**_: Any) -> None:
     """In a new pool process, before it runs anything: what it inherited from the main process."""
-    global _inherited_torch, _jobs_run
-    _inherited_torch = torch_imported()
+    global _inherited_cuda, _jobs_run
+    _inherited_cuda = cuda_initialized()
     _jobs_run = 0
 
 
 def ensure_fresh_process() -> None:
-    """Raise unless this pool process is new and its parent never imported torch (module docstring)."""
+    """Raise unless this pool process is new and its parent never initialised CUDA (module docstring)."""
     global _jobs_run
-    if _inherited_torch:
+    if _inherited_cuda:
         raise ProcessModelError(
-            "the worker's main process imported torch before forking this job's process; CUDA would not "
-            "work here. Something imported at worker start-up pulls torch in: import it lazily")
+            "the worker's main process initialised CUDA before forking this job's process; CUDA does not "
+            "work in a forked child. Something the worker runs at start-up touches torch.cuda: make it lazy")
     if _jobs_run:
         raise ProcessModelError(
             f"process {os.getpid()} already ran a job; every job needs a fresh process "
@@ -70,7 +85,8 @@ def job_process_facts(*, cuda: bool = True) -> dict[str, Any]:
     """The training process's id and parent, and (``cuda``, on a GPU worker) its CUDA memory at job start.
 
     Initialising CUDA here is fine: this is the job's own process, which is about to use the GPU."""
-    facts: dict[str, Any] = {"pid": os.getpid(), "parent_pid": os.getppid()}
+    facts: dict[str, Any] = {"pid": os.getpid(), "parent_pid": os.getppid(),
+                             "parent_cuda_initialized": bool(_inherited_cuda)}
     if not cuda:
         return facts
     import torch
@@ -83,4 +99,5 @@ def job_process_facts(*, cuda: bool = True) -> dict[str, Any]:
     return facts
 
 
-__all__ = ["ProcessModelError", "ensure_fresh_process", "job_process_facts", "note_fork", "torch_imported"]
+__all__ = ["ProcessModelError", "cuda_initialized", "ensure_fresh_process", "job_process_facts", "note_fork",
+           "preload_training_stack"]

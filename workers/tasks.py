@@ -38,7 +38,7 @@ def worker_state(settings: Settings) -> AppState:
 
 @app.task(name=TRAIN_TASK, acks_late=True)
 def train(job_id: str) -> None:
-    ensure_fresh_process()  # a new pool process per job, forked from a torch-free parent (process_model)
+    ensure_fresh_process()  # a new pool process per job, forked from a CUDA-free parent (process_model)
     run_job(job_id, settings, worker=train.request.hostname)
 
 
