@@ -26,7 +26,8 @@ from workers.checkpoints import ModelWeights, Weights
 from workers.context import JobContext
 from workers.fsdp import ShardedModelWeights, Sharding
 from workers.loop import Optimization, make_accelerator, make_optimizer
-from workers.modeling import Precision, choose_precision, sharding_for, trainable_parameters
+from workers.modeling import sharding_for, trainable_parameters
+from workers.precision import Precision, choose_precision
 
 
 def seed_everything(seed: int) -> None:
