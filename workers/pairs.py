@@ -8,7 +8,8 @@ sequence, so the log-probs equal those of the plain ``[chosen..., rejected...]``
 float rounding, for about half the decoder work on typical pairs (no second copy of the prompt, no
 padding of the short side to the long one). The DPO recipe checks it once against the plain layout.
 
-The LM head runs on completion tokens only (the hidden states that predict one).
+The LM head runs on completion tokens only (the hidden states that predict one), a chunk of
+tokens at a time (``workers.logprobs``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from workers import batching as B
 from workers import data as D
-from workers.losses import selective_log_softmax
+from workers.logprobs import target_logps
 from workers.modeling import causal_lm_of
 
 #: Mean |difference| per completion token allowed between the shared-prompt and the plain layout at
@@ -156,7 +157,7 @@ class PairLogps(nn.Module):
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids).last_hidden_state
         selected = hidden.flatten(0, 1).index_select(0, batch.src)
-        token_logps = selective_log_softmax(lm.get_output_embeddings()(selected), batch.targets)
+        token_logps = target_logps(selected, lm.get_output_embeddings(), batch.targets).logps
         sums = token_logps.new_zeros(batch.counts.shape[0]).index_add(0, batch.seq, token_logps)
         return sums, batch.counts
 
