@@ -31,8 +31,8 @@ CHUNK_ELEMENTS = 2**25
 
 
 class HeadOutputs(NamedTuple):
-    """Per target token, in the order given: ``logps`` (fp32, with gradients), and if asked ``correct``
-    (argmax == target) and ``entropy`` (of the softmax, fp32, detached)."""
+    """Per target token, in the order given: ``logps`` (fp32 for half-precision logits, with gradients),
+    and if asked ``correct`` (argmax == target) and ``entropy`` (of the softmax, detached)."""
 
     logps: Tensor
     correct: Tensor | None
@@ -46,7 +46,9 @@ def chunk_tokens(vocab_size: int, budget: int = CHUNK_ELEMENTS) -> int:
 
 def _chunk(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_correct: bool,
            with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if logits.dtype in (torch.bfloat16, torch.float16):  # fp32 for the logsumexp; fp64 stays fp64
+        logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)

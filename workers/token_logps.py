@@ -31,6 +31,14 @@ class TokenPredictions(NamedTuple):
     rows: Tensor     # [N] the batch row each token belongs to
 
 
+def token_predictions(logits: Tensor, targets: Tensor, rows: Tensor) -> TokenPredictions:
+    """``logits`` ``[N, V]`` at the positions that predict ``targets`` ``[N]`` (already computed logits:
+    the same per-token path as :class:`TokenLogps`, with the identity as the head)."""
+    out = target_logps(logits, nn.Identity(), targets, with_correct=True)
+    assert out.correct is not None
+    return TokenPredictions(out.logps, out.correct, rows)
+
+
 def token_nll(predictions: TokenPredictions) -> tuple[Tensor, dict[str, float]]:
     """Mean negative log-likelihood over the tokens given, and the share predicted exactly.
 
@@ -70,4 +78,4 @@ class TokenLogps(nn.Module):
         return TokenPredictions(out.logps, out.correct, row_of)
 
 
-__all__ = ["TokenLogps", "TokenPredictions", "token_nll"]
+__all__ = ["TokenLogps", "TokenPredictions", "token_nll", "token_predictions"]
