@@ -195,6 +195,16 @@ class Optimization:
             return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         return self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)  # type: ignore[no-any-return]
 
+    def _agree_on_overflow(self) -> None:
+        """Sharded gradients: each rank checked only its shards for inf/NaN; every rank must skip
+        together (DDP needs nothing: its gradients are all-reduced before the check)."""
+        if not (fsdp.is_sharded(self.params) and torch.distributed.is_initialized()):
+            return
+        assert self.scaler is not None
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        for found in state["found_inf_per_device"].values():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+
     def step(self) -> dict[str, float]:
         """Clip, update, advance the schedule; returns ``grad_norm`` (before clipping) and the
         ``learning_rate`` this update used (and, scaled, ``loss_scale`` and ``skipped_update``)."""
@@ -206,6 +216,7 @@ class Optimization:
         else:
             scale = float(self.scaler.get_scale())
             self.scaler.unscale_(self.optimizer)
+            self._agree_on_overflow()
             norm = self._clip()
             self.scaler.step(self.optimizer)  # skipped when unscale_ found inf/NaN gradients
             self.scaler.update()
