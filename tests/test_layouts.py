@@ -207,6 +207,28 @@ def test_padding_share_before_and_after_packing() -> None:
     assert bucketed.packed == pytest.approx(1 - 6 / 128)
 
 
+def test_models_load_with_sdpa(tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
+    path, tokenizer = tiny
+    assert load_causal_lm(path).config._attn_implementation == "sdpa"
+    assert load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id).config._attn_implementation == "sdpa"
+
+
+def test_a_dpo_job_reports_its_layout(tmp_path: Path) -> None:
+    from service.jobs.spec import DpoHyperparameters
+    from workers.recipes.dpo import DPORecipe
+
+    hp = DpoHyperparameters(batch_size=4, max_steps=1)
+    ctx = local_context(tmp_path, model=TINY_RANDOM_LLAMA, method=method_of("dpo", hp),
+                        training_type=LoraTraining(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                        training_rows=PREFERENCE_ROWS, seed=1,
+                        settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE))
+    recipe = DPORecipe(ctx)
+    recipe.setup()
+    recipe.cleanup()
+    (data,) = [d for _, _, d in ctx.reporter.events if d and d.get("layout")]
+    assert data["layout"] == "shared_mask" and data["reason"].startswith("cpu")
+
+
 def test_layout_choice(tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
     path, _ = tiny
     config = load_causal_lm(path).config

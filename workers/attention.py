@@ -156,6 +156,12 @@ def choose_layout(kind: str, config: Any, device: torch.device, *, wanted: bool 
 # --------------------------------------------------------------------------- block masks
 
 
+def _block_mask(mask_mod: Callable[..., Tensor], rows: int, width: int, device: torch.device) -> BlockMask:
+    """On CUDA the mask is built by a compiled kernel: uncompiled, evaluating ``mask_mod`` over
+    ``rows × width × width`` materialises int64 intermediates (4 GB for 8 rows of 8K tokens)."""
+    return create_block_mask(mask_mod, rows, None, width, width, device=device, _compile=device.type == "cuda")
+
+
 def shared_prompt_block_mask(segments: Tensor) -> BlockMask:
     """The shared-prompt rule (``workers.pairs.collate_shared``) as a block mask: causal, a key is the
     shared prefix or the query's own completion, never padding; padding queries see themselves."""
@@ -166,7 +172,7 @@ def shared_prompt_block_mask(segments: Tensor) -> BlockMask:
         return allowed | (q == k)
 
     rows, width = segments.shape
-    return create_block_mask(mask_mod, rows, None, width, width, device=segments.device)
+    return _block_mask(mask_mod, rows, width, segments.device)
 
 
 def document_block_mask(documents: Tensor) -> BlockMask:
@@ -177,7 +183,7 @@ def document_block_mask(documents: Tensor) -> BlockMask:
         return ((k <= q) & (doc_q == doc_k) & (doc_k >= 0)) | (q == k)
 
     rows, width = documents.shape
-    return create_block_mask(mask_mod, rows, None, width, width, device=documents.device)
+    return _block_mask(mask_mod, rows, width, documents.device)
 
 
 __all__ = ["FLEX_BLOCK", "SDPA_OR_FLEX", "SEG_CHOSEN", "SEG_PAD", "SEG_REJECTED", "SEG_SHARED", "Layout",
