@@ -175,17 +175,19 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def capture_state(*, step: int, tokens: int, metrics: dict[str, float], optimizer: Any, scheduler: Any,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``optimizer`` None: its state is saved elsewhere (a sharded checkpoint's shards)."""
+                  extra: dict[str, Any] | None = None, scaler: Any = None) -> dict[str, Any]:
+    """``optimizer`` None: its state is saved elsewhere (a sharded checkpoint's shards). ``scaler``: an
+    fp16 run's ``GradScaler`` (its scale and growth tracker), so a resumed run scales as it would have."""
     return {"step": step, "tokens": tokens, "metrics": dict(metrics),
             **({"optimizer": optimizer.state_dict()} if optimizer is not None else {}),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             "scheduler": scheduler.state_dict(), **capture_rng(), "extra": extra or {}}
 
 
 def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer: Any, scheduler: Any,
-                      workdir: Path) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint archive; returns its state
-    (the recipe's ``extra`` state included, for the caller to hand back)."""
+                      workdir: Path, scaler: Any = None) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler, loss scaler and RNG from a checkpoint archive; returns its
+    state (the recipe's ``extra`` state included, for the caller to hand back)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         directory = fetch_adapter(store, key, Path(tmp) / "checkpoint")
         state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
@@ -195,5 +197,7 @@ def load_resume_point(store: ObjectStore, key: str, weights: Weights, optimizer:
             weights.restore(directory)
             optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     restore_rng(state)
     return state

@@ -22,6 +22,14 @@ Optimizer steps go through :class:`Optimization`: clip (the logged ``grad_norm``
 clipping, as the Hugging Face Trainer and TRL log it), step, schedule. A skipped update (a non-finite
 loss in PPO) still advances the schedule, so it ends where it was planned to.
 
+Loss scaling (fp16 autocast, ``workers.precision``): the loop owns the ``torch.amp.GradScaler``, not
+accelerate (which refuses fp16 on the CPU and keeps its scaler out of our checkpoints). It is handed
+to the accelerator after the optimizer is prepared, so ``accelerator.backward`` multiplies the loss
+by the scale and accelerate's optimizer wrapper never steps it; :meth:`Optimization.step` unscales
+before clipping (``grad_norm`` is the true norm), lets the scaler skip an update whose gradients
+hold inf/NaN (the scale halves; ``loss_scale`` and ``skipped_update`` are logged) and updates the
+scale. Its state is saved with every checkpoint and restored on resume.
+
 Gradient accumulation (:func:`accumulate`) weights each micro-batch explicitly (by examples for pair
 losses, by trained tokens for token losses), so the accumulated gradient is the gradient of the loss
 over the whole step even when the last group of an epoch is short. ``Accelerator.backward`` divides
@@ -60,7 +68,7 @@ from workers.checkpoints import (
 )
 from workers.checkpoints import save_checkpoint as write_checkpoint
 from workers.context import JobContext, JobFailure
-from workers.modeling import Precision
+from workers.precision import Precision, grad_scaler
 
 #: One micro-batch: ``indices`` -> (loss with gradients, metrics, tokens processed).
 MicroBatchFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float], int]]
@@ -102,8 +110,14 @@ def make_accelerator(hp: CommonHyperparameters, precision: Precision | None = No
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed):
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=hp.gradient_accumulation_steps,
-                       step_scheduler_with_optimizer=False, kwargs_handlers=[process_group_timeout()])
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=hp.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False, kwargs_handlers=[process_group_timeout()])
+    if mixed == "fp16":
+        # fp16 autocast on every device (accelerate turns it on for accelerators only), and no scaler of
+        # accelerate's: the loop's (:class:`Optimization`) scales, unscales, skips and checkpoints
+        accelerator.native_amp = True
+        accelerator.scaler = None
+    return accelerator
 
 
 def process_group_timeout() -> InitProcessGroupKwargs:
@@ -151,28 +165,68 @@ def make_optimizer(params: Sequence[nn.Parameter], hp: CommonHyperparameters, to
 
 @dataclass
 class Optimization:
-    """The optimizer, its schedule and the trainable parameters, stepped the same way by every recipe."""
+    """The optimizer, its schedule and the trainable parameters, stepped the same way by every recipe.
+
+    ``scaler``: the fp16 loss scaler (``workers.precision.grad_scaler``), None otherwise."""
 
     accelerator: Accelerator
     optimizer: Any  # torch.optim.Optimizer, possibly accelerate-wrapped
     scheduler: Any
     params: list[nn.Parameter]
     max_grad_norm: float
+    scaler: torch.amp.GradScaler | None = None
+
+    def __post_init__(self) -> None:
+        if self.scaler is None and self.accelerator.mixed_precision == "fp16":
+            self.scaler = grad_scaler(Precision(torch.float32, "fp16"), self.accelerator.device)
+        # accelerator.backward scales the loss with ``accelerator.scaler``; set only now, after the
+        # optimizer was prepared, so accelerate's optimizer wrapper does not step the scaler itself
+        if self.scaler is not None:
+            self.accelerator.scaler = self.scaler
 
     def learning_rate(self) -> float:
         """The rate the next update will use."""
         return float(self.scheduler.get_last_lr()[0])
 
+    def _clip(self) -> torch.Tensor | None:
+        if fsdp.is_sharded(self.params):
+            return fsdp.clip_grad_norm_(self.accelerator, self.params, self.max_grad_norm)
+        if self.scaler is not None:  # already unscaled: accelerate's clip would unscale a second time
+            return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        return self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)  # type: ignore[no-any-return]
+
+    def _agree_on_overflow(self) -> None:
+        """Sharded gradients: each rank checked only its shards for inf/NaN; every rank must skip
+        together (DDP needs nothing: its gradients are all-reduced before the check)."""
+        if not (fsdp.is_sharded(self.params) and torch.distributed.is_initialized()):
+            return
+        assert self.scaler is not None
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        for found in state["found_inf_per_device"].values():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+
     def step(self) -> dict[str, float]:
         """Clip, update, advance the schedule; returns ``grad_norm`` (before clipping) and the
-        ``learning_rate`` this update used."""
-        norm = (fsdp.clip_grad_norm_(self.accelerator, self.params, self.max_grad_norm)
-                if fsdp.is_sharded(self.params) else self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm))
+        ``learning_rate`` this update used (and, scaled, ``loss_scale`` and ``skipped_update``)."""
         used = self.learning_rate()
-        self.optimizer.step()
-        self.scheduler.step()
+        extra: dict[str, float] = {}
+        if self.scaler is None:
+            norm = self._clip()
+            self.optimizer.step()
+        else:
+            scale = float(self.scaler.get_scale())
+            self.scaler.unscale_(self.optimizer)
+            self._agree_on_overflow()
+            norm = self._clip()
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found inf/NaN gradients
+            self.scaler.update()
+            skipped = float(self.scaler.get_scale()) < scale
+            extra = {"loss_scale": scale, "skipped_update": float(skipped)}
+        with warnings.catch_warnings():  # a skipped first update: torch warns that no step happened
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm) if norm is not None else math.nan, "learning_rate": used}
+        return {"grad_norm": float(norm) if norm is not None else math.nan, "learning_rate": used, **extra}
 
     def skip(self) -> float:
         """Drop this update's gradients but advance the schedule; returns the rate it would have used."""
@@ -284,7 +338,7 @@ def run_training(
     def checkpoint(at: int) -> None:
         state = capture_state(step=at, tokens=tokens, metrics=last,
                               optimizer=None if is_sharded(weights) else optim.optimizer,  # sharded: in the shards
-                              scheduler=optim.scheduler,
+                              scheduler=optim.scheduler, scaler=optim.scaler,
                               extra=extra_state.state_dict() if extra_state is not None else None)
         write_checkpoint(ctx, weights, at, {k: v for k, v in last.items() if k in checkpoint_metrics}, state)
 
@@ -299,7 +353,8 @@ def run_training(
 
     if ctx.resume_from is not None:
         _, key = ctx.resume_from
-        state = load_resume_point(ctx.store, key, weights, optim.optimizer, optim.scheduler, ctx.workdir)
+        state = load_resume_point(ctx.store, key, weights, optim.optimizer, optim.scheduler, ctx.workdir,
+                                  scaler=optim.scaler)
         if extra_state is not None:
             extra_state.load_state_dict(state.get("extra") or {})
         step, tokens, last = int(state["step"]), int(state["tokens"]), dict(state["metrics"])

@@ -6,13 +6,11 @@ Every recipe (and PPO's value and reward adapters, and the reward-model classifi
 here, so a wrong ``target_modules`` gives the same ``invalid_training_type`` error for every method,
 ``lora_dropout`` means the same everywhere, and precision rules cannot drift between recipes.
 
-Precision (:func:`choose_precision`)
-- CUDA with bf16: LoRA keeps the frozen base in bf16; a full fine-tune keeps fp32 master weights
-  (the optimizer updates fp32, so small updates are not rounded away) and both run under bf16
-  autocast. Without bf16, the same with fp16 autocast and accelerate's loss scaler.
-- CPU: fp32, no autocast (CPU bf16 matmuls are slow). ``ALIGND_MIXED_PRECISION=bf16`` forces bf16
-  autocast there (tests check the master-weight rule on the CPU with it).
-- LoRA weights are fp32 whatever the base's dtype (peft's ``autocast_adapter_dtype``).
+Precision is ``workers.precision``'s (re-exported here for callers that load and choose together).
+
+Attention: bases load with an explicit ``attn_implementation`` (:data:`DEFAULT_ATTENTION`, SDPA),
+so a transformers upgrade cannot silently change the kernel, and the layouts in
+``workers.attention`` know which masks the model takes.
 
 The LM head runs only on positions a loss reads (see ``workers.token_logps`` and the DPO layouts):
 for a 49k vocabulary and a long prompt, the full logits tensor is most of a step's memory.
@@ -20,10 +18,9 @@ for a 49k vocabulary and a long prompt, the full logits tensor is most of a step
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +32,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from service.jobs.spec import LoraTraining, TrainingType
 from workers.archives import fetch_adapter
 from workers.context import JobFailure
+from workers.precision import MixedPrecision as MixedPrecision
+from workers.precision import Precision as Precision
+from workers.precision import choose_precision as choose_precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,47 +43,21 @@ if TYPE_CHECKING:
     from workers.fsdp import Sharding
 
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
-MixedPrecision = Literal["no", "bf16", "fp16"]
 TARGET_MODULES_PARAM = "training_type.target_modules"
-
-
-# --------------------------------------------------------------------------- precision
-
-
-@dataclass(frozen=True)
-class Precision:
-    """``weights``: the dtype parameters are stored in; ``mixed``: accelerate's autocast mode."""
-
-    weights: torch.dtype
-    mixed: MixedPrecision
-
-    @property
-    def compute(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed, self.weights)
-
-
-def choose_precision(training_type: TrainingType, device_type: str | None = None) -> Precision:
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    full = not isinstance(training_type, LoraTraining)
-    forced = os.environ.get("ALIGND_MIXED_PRECISION")
-    if forced in ("bf16", "fp16"):
-        mixed: MixedPrecision = forced  # type: ignore[assignment]
-    elif device_type == "cuda":
-        mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        return Precision(torch.float32, "no")
-    half = torch.bfloat16 if mixed == "bf16" else torch.float16
-    # fp16 frozen bases overflow too easily; only bf16 stores the frozen LoRA base in half precision
-    stored = torch.float32 if full or mixed == "fp16" or device_type != "cuda" else half
-    return Precision(stored, mixed)
+#: PyTorch's scaled-dot-product attention: flash / memory-efficient kernels on CUDA for causal and
+#: padding masks, and it takes the 4D masks of the shared-prompt layout (``workers.pairs``).
+#: ``flex_attention`` is chosen per batch by ``workers.attention``, not at load time.
+DEFAULT_ATTENTION = "sdpa"
 
 
 # --------------------------------------------------------------------------- bases
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str = DEFAULT_ATTENTION) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True
+        str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True,
+        attn_implementation=attn_implementation,
     )
     model.config.use_cache = False
     return model  # type: ignore[no-any-return]
@@ -93,7 +67,7 @@ def load_sequence_classifier(path: str | Path, dtype: torch.dtype, pad_token_id:
     """The decoder's weights under a new scalar ``score`` head (hidden -> 1): a reward model's base."""
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=dtype, trust_remote_code=False, use_safetensors=True,
-        local_files_only=True,
+        local_files_only=True, attn_implementation=DEFAULT_ATTENTION,
     )
     model.config.pad_token_id = pad_token_id  # HF's own forward needs it for batches > 1
     model.config.use_cache = False
@@ -106,7 +80,8 @@ def merge_dir(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
         merged = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
         return merged  # type: ignore[no-any-return]
     full = AutoModelForCausalLM.from_pretrained(str(directory), dtype=model.dtype, trust_remote_code=False,
-                                                use_safetensors=True, local_files_only=True)
+                                                use_safetensors=True, local_files_only=True,
+                                                attn_implementation=model.config._attn_implementation)
     full.config.use_cache = False
     return full  # type: ignore[no-any-return]
 

@@ -8,7 +8,12 @@ sequence, so the log-probs equal those of the plain ``[chosen..., rejected...]``
 float rounding, for about half the decoder work on typical pairs (no second copy of the prompt, no
 padding of the short side to the long one). The DPO recipe checks it once against the plain layout.
 
-The LM head runs on completion tokens only (the hidden states that predict one).
+On CUDA the same rule runs as a flex-attention block mask (``workers.attention``; rows padded to
+a length bucket so the compiled kernel is reused); the CPU keeps the dense 4D mask on SDPA. Which
+layout a job runs is ``workers.attention.choose_layout``'s decision.
+
+The LM head runs on completion tokens only (the hidden states that predict one), a chunk of
+tokens at a time (``workers.logprobs``).
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from torch import Tensor, nn
 
 from workers import batching as B
 from workers import data as D
-from workers.losses import selective_log_softmax
+from workers.attention import SEG_CHOSEN as _CHOSEN
+from workers.attention import SEG_PAD as _PAD
+from workers.attention import SEG_REJECTED as _REJECTED
+from workers.attention import SEG_SHARED as _SHARED
+from workers.attention import bucket_length, shared_prompt_block_mask
+from workers.logprobs import target_logps
 from workers.modeling import causal_lm_of
 
 #: Mean |difference| per completion token allowed between the shared-prompt and the plain layout at
 #: the setup check. Rounding gives ~1e-6 in fp32 and ~1e-2 in bf16; a mask or position the model
 #: ignores gives whole nats.
 LAYOUT_TOLERANCE = 0.05
-_SHARED, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
 
 @dataclass
@@ -49,6 +58,7 @@ class PairBatch:
     seq: Tensor
     counts: Tensor
     tokens: int
+    segments: Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -60,6 +70,9 @@ class PairBatch:
         for name, value in moved.items():
             if isinstance(value, Tensor):
                 moved[name] = value.to(device, non_blocking=True)
+        if moved["segments"] is not None:
+            moved["attention_mask"] = shared_prompt_block_mask(moved["segments"])
+            return PairBatch(**moved)
         mask = moved["attention_mask"]
         if mask_dtype is not None and mask.dim() == 4:
             moved["attention_mask"] = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(
@@ -88,13 +101,16 @@ def collate_plain(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch:
                      tokens=sum(len(p.chosen) + len(p.rejected) for p in pairs))
 
 
-def collate_shared(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch:
+def collate_shared(pairs: list[D.TokenizedPair], pad_token_id: int, *, flex: bool = False) -> PairBatch:
     """One row per pair: the common prefix of chosen and rejected once, then each side's remainder.
 
     The prefix is the longest run of identical leading tokens (the prompt, and any identical start of
     the two completions): each token's hidden state depends only on the tokens before it, so it is
     the same in both sequences. Positions of the rejected remainder restart where the prefix ends, and
     the mask lets it see the prefix and itself, never the chosen remainder.
+
+    ``flex``: no dense mask; the width is rounded up to a length bucket and the segments travel
+    instead (see :class:`PairBatch`).
     """
     n = len(pairs)
     layouts = []
@@ -104,6 +120,8 @@ def collate_shared(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch
         layouts.append((shared, chosen + rejected[shared:],
                         list(range(len(chosen))) + list(range(shared, len(rejected)))))
     width = max(len(ids) for _, ids, _ in layouts)
+    if flex:
+        width = bucket_length(width)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     segment = torch.full((n, width), _PAD, dtype=torch.long)
@@ -128,15 +146,19 @@ def collate_shared(pairs: list[D.TokenizedPair], pad_token_id: int) -> PairBatch
                     targets.append(sequence.input_ids[t])
                     seq.append(out)
                     counts[out] += 1
+    tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    common: dict[str, Any] = {
+        "input_ids": input_ids, "position_ids": position_ids, "src": torch.tensor(src, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long), "seq": torch.tensor(seq, dtype=torch.long),
+        "counts": torch.tensor(counts, dtype=torch.long), "tokens": tokens}
+    if flex:
+        return PairBatch(attention_mask=torch.ones(n, width, dtype=torch.long), segments=segment, **common)
     index = torch.arange(width)
     causal = index[None, :] <= index[:, None]  # [query, key]
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     allowed = causal & ((seg_k == _SHARED) | (seg_k == seg_q)) & (seg_k != _PAD)
     allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
-    return PairBatch(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
-                     src=torch.tensor(src, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
-                     seq=torch.tensor(seq, dtype=torch.long), counts=torch.tensor(counts, dtype=torch.long),
-                     tokens=sum(len(p.chosen) + len(p.rejected) for p in pairs))
+    return PairBatch(attention_mask=allowed[:, None], **common)
 
 
 class PairLogps(nn.Module):
@@ -156,16 +178,6 @@ class PairLogps(nn.Module):
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids).last_hidden_state
         selected = hidden.flatten(0, 1).index_select(0, batch.src)
-        token_logps = selective_log_softmax(lm.get_output_embeddings()(selected), batch.targets)
+        token_logps = target_logps(selected, lm.get_output_embeddings(), batch.targets).logps
         sums = token_logps.new_zeros(batch.counts.shape[0]).index_add(0, batch.seq, token_logps)
         return sums, batch.counts
-
-
-def shared_layout_supported(config: Any) -> bool:
-    """Attention that takes a custom 4D mask, and no sliding window that such a mask would override."""
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        return False
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))

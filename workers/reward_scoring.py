@@ -57,12 +57,20 @@ class SequenceScores(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Any, position_ids: Tensor | None = None,
+                last: Tensor | None = None) -> Tensor:
+        """Packed rows (``workers.packing``): ``attention_mask`` None or a document ``BlockMask``,
+        ``position_ids`` restarting per sequence and ``last`` the flat index of each sequence's last
+        token; one reward per sequence, in ``last``'s order."""
         classifier = classifier_of(self.model)
         decoder = getattr(classifier, classifier.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1  # right padding
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state
+        if last is not None:
+            pooled = hidden.flatten(0, 1).index_select(0, last)
+        else:
+            ends = attention_mask.sum(dim=1) - 1  # right padding
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
         return score_head(classifier)(pooled).squeeze(-1).float()  # type: ignore[no-any-return]
 
 

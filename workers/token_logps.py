@@ -2,7 +2,11 @@
 
 The token-level sibling of :class:`workers.pairs.PairLogps`: the decoder runs on the whole
 batch, the LM head only on the hidden states that predict a ``loss_mask`` token (see the mask
-convention in :mod:`workers.data`), so the ``[B, T, V]`` logits tensor is never built.
+convention in :mod:`workers.data`), a chunk of tokens at a time (``workers.logprobs``), so no
+``[tokens, V]`` logits tensor is ever built.
+
+Packed rows (``workers.packing``) come with ``position_ids`` that restart per example and a document
+mask; the loss is the same per-token mean, so packing changes the batch shape, not the loss.
 
 Assumption shared with ``PairLogps``: the causal LM's logits are ``lm_head(last_hidden_state)``.
 Models that post-process logits in their own ``forward`` (Gemma-2 soft-capping, Cohere's
@@ -11,11 +15,11 @@ Models that post-process logits in their own ``forward`` (Gemma-2 soft-capping, 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from workers.losses import selective_log_softmax
+from workers.logprobs import target_logps
 from workers.modeling import causal_lm_of
 
 
@@ -28,10 +32,11 @@ class TokenPredictions(NamedTuple):
 
 
 def token_predictions(logits: Tensor, targets: Tensor, rows: Tensor) -> TokenPredictions:
-    """``logits`` ``[N, V]`` at the positions that predict ``targets`` ``[N]``."""
-    logps = selective_log_softmax(logits, targets)
-    correct = logits.detach().argmax(dim=-1) == targets
-    return TokenPredictions(logps, correct, rows)
+    """``logits`` ``[N, V]`` at the positions that predict ``targets`` ``[N]`` (already computed logits:
+    the same per-token path as :class:`TokenLogps`, with the identity as the head)."""
+    out = target_logps(logits, nn.Identity(), targets, with_correct=True)
+    assert out.correct is not None
+    return TokenPredictions(out.logps, out.correct, rows)
 
 
 def token_nll(predictions: TokenPredictions) -> tuple[Tensor, dict[str, float]]:
@@ -56,15 +61,21 @@ class TokenLogps(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> TokenPredictions:
+    def forward(self, input_ids: Tensor, attention_mask: Any, loss_mask: Tensor,
+                position_ids: Tensor | None = None, rows: Tensor | None = None) -> TokenPredictions:
+        """``attention_mask``: the padding mask, or a packed batch's document mask (``workers.attention``);
+        ``rows``: the example each position belongs to (packed), else the batch row."""
         lm = causal_lm_of(self.model)
         decoder = getattr(lm, lm.base_model_prefix)
         head = lm.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state
         targets_mask = loss_mask[:, 1:].bool()
-        rows = targets_mask.nonzero(as_tuple=True)[0]
+        row_of = targets_mask.nonzero(as_tuple=True)[0] if rows is None else rows[:, 1:][targets_mask]
         targets = input_ids[:, 1:][targets_mask]
-        return token_predictions(head(hidden[:, :-1][targets_mask]), targets, rows)
+        out = target_logps(hidden[:, :-1][targets_mask], head, targets, with_correct=True)
+        assert out.correct is not None
+        return TokenPredictions(out.logps, out.correct, row_of)
 
 
 __all__ = ["TokenLogps", "TokenPredictions", "token_nll", "token_predictions"]

@@ -35,7 +35,9 @@ class CommonHyperparameters(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class SupervisedHyperparameters(CommonHyperparameters, kw_only=True):
-    pass
+    #: pack examples into rows of ``max_length`` tokens with per-example positions and a document mask
+    #: (no padding; the loss is unchanged), where the model's attention takes such a mask
+    packing: bool = True
 
 
 class DpoHyperparameters(CommonHyperparameters, kw_only=True):
@@ -48,6 +50,8 @@ class DpoHyperparameters(CommonHyperparameters, kw_only=True):
 
 class RewardModelHyperparameters(CommonHyperparameters, kw_only=True):
     center_rewards_coefficient: Annotated[float, Meta(ge=0.0)] | None = None
+    #: as for supervised jobs: chosen and rejected sequences packed into rows, scores unchanged
+    packing: bool = True
 
 
 class PpoHyperparameters(CommonHyperparameters, kw_only=True):

@@ -21,12 +21,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from service.jobs.spec import CommonHyperparameters
+from workers.attention import Layout
 from workers.base_models import load_tokenizer, resolve_base_model
 from workers.checkpoints import ModelWeights, Weights
 from workers.context import JobContext
 from workers.fsdp import ShardedModelWeights, Sharding
 from workers.loop import Optimization, make_accelerator, make_optimizer
-from workers.modeling import Precision, choose_precision, sharding_for, trainable_parameters
+from workers.modeling import sharding_for, trainable_parameters
+from workers.packing import padding_share
+from workers.precision import Precision, choose_precision
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +93,18 @@ def result_weights(begun: Start, model: nn.Module, tokenizer: PreTrainedTokenize
     if begun.sharding is None:
         return ModelWeights(model, tokenizer)
     return ShardedModelWeights(model, tokenizer, optim.optimizer)
+
+
+def report_layout(ctx: JobContext, layout: Layout, batches: list[list[int]], budget: int) -> None:
+    """One event at the start of a packing-capable job (SFT, reward model): the attention layout, why,
+    and the share of computed token slots that is padding in padded batches and in packed rows."""
+    share = padding_share(batches, budget, bucket=layout.flex)
+    if layout.name == "padded":
+        message = f"Batches are padded ({layout.reason}): {share.padded:.1%} of the token slots are padding"
+    else:
+        message = (f"Batches are packed ({layout.name}: {layout.reason}): padding {share.padded:.1%} of the "
+                   f"token slots padded, {share.packed:.1%} packed")
+    ctx.reporter.event(message, data={"layout": layout.name, "reason": layout.reason, **share.as_data()})
 
 
 def stopping(ctx: JobContext) -> bool:

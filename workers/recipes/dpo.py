@@ -10,9 +10,12 @@ Features
   (the "shared-prompt layout"). Every completion token sees exactly the context it has in its own
   sequence, so the log-probs equal those of the plain ``[chosen..., rejected...]`` padded batch up to
   float rounding, for about half the decoder work on typical pairs (no second copy of the prompt,
-  no padding of the short side to the long one). Checked once at setup against the plain layout on
-  two pairs; models it does not suit (flash/flex attention, sliding windows, or a failed check) use
-  the plain layout, with an event saying so.
+  no padding of the short side to the long one). On CUDA the mask is a flex-attention block mask
+  (``shared_flex``: fused kernel, compiled once per length bucket), on the CPU a dense 4D mask on
+  SDPA (``shared_mask``); ``workers.attention.choose_layout`` decides and an event says which runs
+  and why. Checked once at setup against the plain layout on two pairs; models it does not suit
+  (flash attention, sliding windows, attention dropout, or a failed check) use the plain layout
+  (chosen and rejected as separate padded rows, SDPA causal).
 - The LM head runs on completion tokens only (the hidden states that predict one).
 - ``precompute_ref_log_probs``: the reference log-probs of every training and validation pair are
   computed once before the first step (no gradients, the training batches of epoch 1, so step 1 sees
@@ -54,11 +57,12 @@ from service.jobs.spec import DpoHyperparameters, LoraTraining
 from service.storage import ObjectNotFound
 from workers import batching as B
 from workers import data as D
+from workers.attention import SDPA_OR_FLEX, Layout, choose_layout, use_flex
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import backward, gradient_step, plan_steps, run_training, sync_if
 from workers.losses import dpo_loss, rpo_nll_loss
 from workers.modeling import apply_training_type, causal_lm_of, enable_activation_checkpointing, load_base
-from workers.pairs import LAYOUT_TOLERANCE, PairBatch, PairLogps, collate_plain, collate_shared, shared_layout_supported
+from workers.pairs import LAYOUT_TOLERANCE, PairBatch, PairLogps, collate_plain, collate_shared
 from workers.recipes.common import prepare_frozen, prepare_training, release, result_weights, start
 
 CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
@@ -129,6 +133,11 @@ class DPORecipe:
         self.reference: nn.Module | None = None
         frozen = (copy.deepcopy(base).requires_grad_(False).eval()
                   if not self.is_lora and not hp.precompute_ref_log_probs else None)
+        self.layout = choose_layout("pairs", base.config, self.accelerator.device)
+        if self.layout.flex:
+            for model in (base, frozen):
+                if model is not None:
+                    use_flex(model)
         self.model = apply_training_type(base, ctx.training_type, ctx.seed)
         self.pairs = self._tokenize(ctx.read_jsonl(ctx.training_file_key), "training_file")
         self.eval_pairs = (self._tokenize(ctx.read_jsonl(ctx.validation_file_key), "validation_file")
@@ -144,8 +153,12 @@ class DPORecipe:
         if frozen is not None:  # sharded like the policy under FSDP
             self.reference = prepare_frozen(begun, PairLogps(frozen), frozen)
         lm = causal_lm_of(self.model)
-        self.mask_dtype = None if lm.config._attn_implementation == "sdpa" else lm.dtype
+        self.mask_dtype = None if lm.config._attn_implementation in ("sdpa", SDPA_OR_FLEX) else lm.dtype
         self.shared_layout = self._check_shared_layout(lm)
+        if not self.shared_layout and self.layout.name != "plain":
+            self.layout = Layout("plain", "the shared-prompt check failed")
+        ctx.reporter.event(f"Attention layout: {self.layout.name} ({self.layout.reason})",
+                           data={"layout": self.layout.name, "reason": self.layout.reason})
 
     def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[D.TokenizedPair]:
         pairs, truncated = [], 0
@@ -167,8 +180,8 @@ class DPORecipe:
 
     def _check_shared_layout(self, lm: Any) -> bool:
         """Compare both layouts on two pairs; any model the shared one does not suit gets the plain one."""
-        if not shared_layout_supported(lm.config):
-            reason = f"attention {lm.config._attn_implementation!r} or a sliding window"
+        if self.layout.name == "plain":
+            reason = self.layout.reason
         else:
             pairs = self.pairs[:2]
             with torch.no_grad():
@@ -185,7 +198,8 @@ class DPORecipe:
     # one micro-batch -----------------------------------------------------------------------------
     def _collate(self, pairs: list[D.TokenizedPair], shared: bool | None = None) -> PairBatch:
         shared = self.shared_layout if shared is None else shared
-        batch = (collate_shared if shared else collate_plain)(pairs, self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        batch = collate_shared(pairs, pad, flex=self.layout.flex) if shared else collate_plain(pairs, pad)
         return batch.to(self.accelerator.device, self.mask_dtype)
 
     def _reference_logps(self, batch: PairBatch) -> tuple[Tensor, Tensor]:

@@ -63,7 +63,8 @@ from workers import data as D
 from workers.base_models import load_tokenizer, resolve_base_model
 from workers.batching import left_pad
 from workers.context import JobContext, JobFailure, TrainResult
-from workers.modeling import choose_precision, eos_token_ids, load_base
+from workers.modeling import eos_token_ids, load_base
+from workers.precision import choose_precision
 from workers.recipes.common import release, seed_everything
 from workers.reward_scoring import load_reward_model_ref, score
 

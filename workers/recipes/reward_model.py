@@ -11,6 +11,9 @@ Features
   mask, not from ``pad_token_id``: SmolLM2 pads with ``<|im_end|>``, which is also the token every
   sequence ends with, so transformers' own pooling would pick the token before it.
 - Chosen and rejected run in one forward pass (``collate_pairs``' ``[chosen..., rejected...]``).
+- ``packing`` (default on): those sequences are packed into rows of ``max_length`` tokens
+  (``workers.packing``), each with its own positions and a document mask, so every score equals the
+  padded batch's; the layout and the padding share before and after are reported at the start.
 - Loss = ``workers.losses.bradley_terry_loss`` with the data's per-pair ``margin`` (0 where a pair
   has none) and ``center_rewards_coefficient``; TRL's metrics ``loss``, ``accuracy``, ``margin``,
   ``reward/mean``, ``reward/min``, ``reward/max``, plus ``grad_norm`` and ``learning_rate``;
@@ -37,11 +40,13 @@ from torch import Tensor
 from service.jobs.spec import LoraTraining, RewardModelHyperparameters
 from workers import batching as B
 from workers import data as D
+from workers import packing as P
+from workers.attention import choose_layout, use_flex
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import accumulate, example_weights, gradient_step, plan_steps, run_training
 from workers.losses import bradley_terry_loss, reward_metrics
 from workers.modeling import apply_training_type, enable_activation_checkpointing, load_classifier_base
-from workers.recipes.common import prepare_training, release, result_weights, start, stopping
+from workers.recipes.common import prepare_training, release, report_layout, result_weights, start, stopping
 from workers.reward_scoring import SequenceScores
 
 CHECKPOINT_METRICS = ("loss", "accuracy", "margin", "learning_rate")
@@ -88,6 +93,9 @@ class RewardModelRecipe:
                                     ctx.store, ctx.parent_adapter_keys)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(base)
+        self.layout = choose_layout("packed", base.config, self.accelerator.device, wanted=hp.packing)
+        if self.layout.flex:
+            use_flex(base)
         self.model = apply_training_type(base, ctx.training_type, ctx.seed, task_type="SEQ_CLS")
         lengths = [len(pair) for pair in self.pairs]
         self.batches_by_epoch = [B.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
@@ -119,15 +127,26 @@ class RewardModelRecipe:
         return pairs
 
     # one micro-batch -----------------------------------------------------------------------------
-    def _scores(self, pairs: list[D.TokenizedPair]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _scores(self, pairs: list[D.TokenizedPair]) -> tuple[Tensor, dict[str, Tensor], int]:
+        """Rewards ``[chosen..., rejected...]``, the batch's ``margin`` (if any) and its real tokens."""
+        device = self.accelerator.device
+        if self.layout.name != "padded":
+            sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+            packed = P.pack(sequences, self.hp.max_length, self.tokenizer.pad_token_id,
+                            bucket=self.layout.flex).to(device, flex=self.layout.flex)
+            scores = self.scorer(packed.input_ids, packed.attention_mask, position_ids=packed.position_ids,
+                                 last=packed.last)
+            margin = ({"margin": torch.tensor([p.margin or 0.0 for p in pairs], device=device)}
+                      if any(p.margin is not None for p in pairs) else {})
+            return scores, margin, packed.tokens
         batch = B.collate_pairs(pairs, self.tokenizer.pad_token_id)
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        return self.scorer(batch["input_ids"], batch["attention_mask"]), batch
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return self.scorer(batch["input_ids"], batch["attention_mask"]), batch, int(batch["attention_mask"].sum())
 
     def _micro(self, indices: list[int]) -> tuple[Tensor, dict[str, float], int]:
-        scores, batch = self._scores([self.pairs[i] for i in indices])
+        scores, batch, tokens = self._scores([self.pairs[i] for i in indices])
         loss, metrics = pair_loss(scores, batch, self.hp.center_rewards_coefficient)
-        return loss, metrics, int(batch["attention_mask"].sum())
+        return loss, metrics, tokens
 
     def _step(self, group: list[list[int]]) -> tuple[dict[str, float], int]:
         return accumulate(self.accelerator, self.scorer, group, self._micro, example_weights(group))
@@ -139,6 +158,9 @@ class RewardModelRecipe:
         ctx.reporter.event(f"Fine-tuning started: reward model ({kind}, Bradley-Terry) on {ctx.model}, "
                            f"{len(self.pairs)} pairs, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
+        report_layout(ctx, self.layout, [[len(self.pairs[i].chosen) for i in indices]
+                                         + [len(self.pairs[i].rejected) for i in indices]
+                                         for indices in self.batches_by_epoch[0]], hp.max_length)
         result = run_training(ctx=ctx, hp=hp, model=self.scorer, optim=self.optim,
                               weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
@@ -158,7 +180,7 @@ class RewardModelRecipe:
                     self.scorer.train()
                     return {}
                 pairs = [self.eval_pairs[i] for i in indices]
-                scores, _ = self._scores(pairs)
+                scores, _, _ = self._scores(pairs)
                 chosen.append(scores[:len(pairs)])
                 rejected.append(scores[len(pairs):])
                 margins += [pair.margin or 0.0 for pair in pairs]

@@ -6,7 +6,13 @@ Features
 - Loss = mean negative log-likelihood over the trained tokens of an optimizer step. Under gradient
   accumulation each micro-batch is weighted by its share of the step's trained tokens, so the loss
   is the same whatever the split (TRL's ``num_items_in_batch`` behaviour).
-- The LM head runs on trained positions only (``workers.token_logps.TokenLogps``).
+- The LM head runs on trained positions only, a chunk of tokens at a time
+  (``workers.token_logps.TokenLogps``, ``workers.logprobs``).
+- ``packing`` (default on): each micro-batch's examples are packed into rows of ``max_length``
+  tokens (``workers.packing``: best-fit decreasing, positions restart per example, a document mask),
+  so no padding is computed; the loss is the same per-token mean. The layout (``packed_flex`` on
+  CUDA, ``packed_positions`` on SDPA, ``padded`` where the model takes no custom mask or packing is
+  off) and the padding share before and after packing are reported in one event at the start.
 - Metrics (TRL's names): ``loss``, ``mean_token_accuracy`` (argmax == target over trained tokens),
   ``num_tokens`` (cumulative tokens processed), ``grad_norm`` (before clipping), ``learning_rate``,
   ``tokens_per_second``; ``eval/loss`` and ``eval/mean_token_accuracy`` on the validation file
@@ -34,10 +40,12 @@ import torch
 from service.jobs.spec import LoraTraining, SupervisedHyperparameters
 from workers import batching as B
 from workers import data as D
+from workers import packing as P
+from workers.attention import choose_layout, use_flex
 from workers.context import JobContext, JobFailure, TrainResult
 from workers.loop import accumulate, gradient_step, plan_steps, run_training
 from workers.modeling import apply_training_type, enable_activation_checkpointing, load_base
-from workers.recipes.common import prepare_training, release, result_weights, start, stopping
+from workers.recipes.common import prepare_training, release, report_layout, result_weights, start, stopping
 from workers.token_logps import TokenLogps, token_nll
 
 CHECKPOINT_METRICS = ("loss", "mean_token_accuracy", "learning_rate")
@@ -62,6 +70,9 @@ class SFTRecipe:
         base = load_base(begun.base_dir, begun.precision.weights, ctx.store, ctx.parent_adapter_keys)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(base)
+        self.layout = choose_layout("packed", base.config, self.accelerator.device, wanted=hp.packing)
+        if self.layout.flex:
+            use_flex(base)
         self.model = apply_training_type(base, ctx.training_type, ctx.seed)
         lengths = [len(example) for example in self.examples]
         self.batches_by_epoch = [B.length_bucketed_batches(lengths, hp.batch_size, seed=ctx.seed + epoch)
@@ -94,12 +105,19 @@ class SFTRecipe:
         return examples
 
     # one micro-batch -----------------------------------------------------------------------------
-    def _batch(self, examples: list[D.TokenizedExample]) -> dict[str, torch.Tensor]:
-        batch = B.collate_supervised(examples, self.tokenizer.pad_token_id)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+    @property
+    def packed(self) -> bool:
+        return self.layout.name != "padded"
 
     def _forward(self, examples: list[D.TokenizedExample]) -> tuple[Any, int]:
-        batch = self._batch(examples)
+        device = self.accelerator.device
+        if self.packed:
+            packed = P.pack(examples, self.hp.max_length, self.tokenizer.pad_token_id,
+                            bucket=self.layout.flex).to(device, flex=self.layout.flex)
+            predictions = self.policy(packed.input_ids, packed.attention_mask, packed.loss_mask,
+                                      position_ids=packed.position_ids, rows=packed.documents)
+            return predictions, packed.tokens
+        batch = {k: v.to(device) for k, v in B.collate_supervised(examples, self.tokenizer.pad_token_id).items()}
         predictions = self.policy(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         return predictions, int(batch["attention_mask"].sum())
 
@@ -120,6 +138,8 @@ class SFTRecipe:
         ctx.reporter.event(f"Fine-tuning started: supervised ({kind}) on {ctx.model}, {len(self.examples)} "
                            f"examples, {sum(self.trained_counts)} trained tokens, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "examples": len(self.examples)})
+        report_layout(ctx, self.layout, [[len(self.examples[i]) for i in indices]
+                                         for indices in self.batches_by_epoch[0]], hp.max_length)
         result = run_training(ctx=ctx, hp=hp, model=self.policy, optim=self.optim,
                               weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,

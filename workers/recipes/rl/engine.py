@@ -38,8 +38,8 @@ from transformers import PreTrainedTokenizerBase
 from service.jobs.spec import PpoHyperparameters
 from workers.batching import left_pad
 from workers.context import JobFailure
+from workers.logprobs import target_logps
 from workers.loop import Optimization, backward
-from workers.losses import selective_log_softmax
 from workers.recipes.rl import core as P
 from workers.recipes.rl.models import POLICY, REWARD, VALUE, SharedBase
 from workers.recipes.rl.sampling import Interrupted, sample_groups
@@ -90,13 +90,11 @@ def response_logps(models: SharedBase, ids: Tensor, attention: Tensor, response:
                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[b, T]`` of ``response`` (the last ``T`` tokens of ``ids``) under the active adapter
     (or the reference), from ``logits / temperature`` as sampling used them; and their entropy.
-    The LM head runs on the response positions only."""
+    The LM head runs on the response positions only, a chunk of tokens at a time (``workers.logprobs``)."""
     context = ids.shape[1] - response.shape[1]
     hidden = models.hidden(ids, attention)[:, context - 1:-1]
-    logits = models.lm_head()(hidden).float() / temperature
-    logps = selective_log_softmax(logits, response)
-    entropy = P.entropy_from_logits(logits.detach()) if with_entropy else None
-    return logps, entropy
+    out = target_logps(hidden, models.lm_head(), response, temperature=temperature, with_entropy=with_entropy)
+    return out.logps, out.entropy
 
 
 # --------------------------------------------------------------------------- rewards
