@@ -91,7 +91,8 @@ def test_sigterm_to_serve_hands_the_job_back_and_leaves_no_process(tmp_path: Pat
     state = AppState(make_settings(tmp_path / "data"))
     with session_scope(state.sessions) as s:
         row = s.get(Job, job["id"])
-        assert row is not None and row.status == "queued" and row.worker is None and not row.preempt_requested
+        assert row is not None and row.status == "queued" and row.worker is None and not row.preempt_requested, \
+            log.read_text()[-3000:]
     events = [m.message for m in _events(state, job["id"])]
     assert any(m.startswith("Worker shutting down: checkpointed at step") for m in events), events[-5:]
     state.engine.dispose()

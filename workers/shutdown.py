@@ -177,6 +177,16 @@ class Shutdown:
 
 _shutdown: Shutdown | None = None
 
+#: Set in the worker's main process the moment Celery starts shutting down. Pool processes forked after
+#: that (``max_tasks_per_child=1`` forks one per job) inherit it, so a message the consumer still takes
+#: during the shutdown is handed back to the broker instead of being claimed by a worker about to exit.
+_stopping = threading.Event()
+
+
+def shutting_down() -> bool:
+    """Whether this worker (or the main process this pool process was forked from) is shutting down."""
+    return _stopping.is_set()
+
 
 @worker_shutting_down.connect
 def _on_worker_shutting_down(sender: Any = None, sig: str = "", how: str = "", **_: Any) -> None:
@@ -184,6 +194,7 @@ def _on_worker_shutting_down(sender: Any = None, sig: str = "", how: str = "", *
     global _shutdown
     from workers.celery_app import settings
 
+    _stopping.set()
     if _shutdown is None:
         _shutdown = Shutdown(settings, str(sender))
     target = _shutdown.cold if how == "Cold" else _shutdown.warm
@@ -191,4 +202,4 @@ def _on_worker_shutting_down(sender: Any = None, sig: str = "", how: str = "", *
     log.info("worker %s received %s (%s shutdown); grace period %.0f s", sender, sig, how, _shutdown.grace)
 
 
-__all__ = ["hand_back", "request_preemption", "force_hand_back", "Shutdown"]
+__all__ = ["hand_back", "request_preemption", "force_hand_back", "Shutdown", "shutting_down"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import Reject
+
 from service.db.engine import session_scope
 from service.db.repositories import JobLost, JobRunRepository
 from service.queue import TRAIN_TASK
@@ -22,6 +24,7 @@ from workers.multinode import run_multinode
 from workers.process_model import ensure_fresh_process, job_process_facts
 from workers.reporting import Heartbeat, Reporter
 from workers.runner import run_claimed
+from workers.shutdown import shutting_down
 
 log = logging.getLogger("alignd.worker")
 
@@ -38,6 +41,9 @@ def worker_state(settings: Settings) -> AppState:
 
 @app.task(name=TRAIN_TASK, acks_late=True)
 def train(job_id: str) -> None:
+    if shutting_down():  # taken during this worker's shutdown: back to the broker, for another worker
+        log.info("job %s: this worker is shutting down; the message goes back to the queue", job_id)
+        raise Reject(f"worker shutting down; {job_id} left for another worker", requeue=True)
     ensure_fresh_process()  # a new pool process per job, forked from a CUDA-free parent (process_model)
     run_job(job_id, settings, worker=train.request.hostname)
 
