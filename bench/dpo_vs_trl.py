@@ -1,4 +1,4 @@
-"""alignd's DPO recipe against TRL's ``DPOTrainer``: same model, data, batches and optimizer.
+"""alignd's DPO recipe against TRL's ``DPOTrainer``: same model, data, batches, initial weights and optimizer.
 
 Set-up (both sides): SmolLM2-135M-Instruct in fp32 on the CPU, LoRA r=8 / alpha=16 / dropout 0 on
 ``q_proj`` and ``v_proj``, 64 concise-vs-verbose pairs (``bench/data.py``), batch 8, max_length 128,
@@ -6,39 +6,53 @@ beta 0.1, sigmoid loss, AdamW lr 5e-5 with a linear schedule, max_grad_norm 1, 8
 no gradient checkpointing, no precomputed reference log-probs (both run a reference forward every
 step), no evaluation, metrics logged every step, no reporting, no dataloader workers.
 
+Three timed arms: ``trl`` (TRL's ``DPOTrainer``), ``alignd`` (the recipe as a job runs it: on the CPU
+the shared-prompt layout, one row per pair) and ``plain`` (the same recipe with
+``DPORecipe(plain_layout=True)``: chosen and rejected as separate padded rows, like TRL). ``trl /
+plain`` is what the rest of the recipe buys (completion-only LM head, no per-micro-batch host syncs),
+``plain / alignd`` what the layout buys; their product is the speedup.
+
 Same data, token for token. TRL's conversational path would train on the ``"\\n"`` the SmolLM2 chat
 template writes after ``<|im_end|>`` (it takes everything after the rendered prompt as the
 completion), a token alignd leaves out (``workers/data.py``). So TRL gets the *standard* (text) form
 of the same pairs: the prompt rendered by the tokenizer's chat template with the assistant header,
-and each completion as its text followed by ``<|im_end|>`` (TRL then adds no EOS of its own). The
-check below asserts that TRL's collated ``input_ids`` and ``completion_mask`` equal alignd's for every
-batch.
+and each completion as its text followed by ``<|im_end|>`` (TRL then adds no EOS of its own).
 
 Same batches. TRL's dataset is put in the order of alignd's first-epoch batches (length-bucketed)
 and read with ``train_sampling_strategy="sequential"``, so step ``k`` of both sides sees the same 8
 pairs padded to the same width: the timing compares the compute paths, not the batching.
 
-Loss check (``loss_diff``). At step 1 both losses are ln 2 whatever the code does (policy ==
-reference), so that would be no check. Instead one child process builds both sides, gives them the
-same non-zero LoRA weights (B drawn from a seeded normal, A copied), and compares the loss TRL's
-``compute_loss`` and alignd's ``DPORecipe._loss`` give on the first batch: that exercises the
-tokenisation, the shared-prompt layout, the completion-only LM head and the log-prob sums against
-TRL's independent implementation (``fused_lm_head`` over every position on CPU).
+Same initial weights. The check child saves alignd's seeded LoRA initialisation (A random, B zero)
+and every timed child, TRL's included, copies it into its adapter before training, so the three
+8-step loss curves must agree (asserted: ``LOSS_CURVE_ATOL``).
 
-Timing. Each block of 8 steps runs in its own process (multiprocessing "spawn"), which is the clean
-way to give each side its own peak RSS (``ru_maxrss`` of the child: imports, model, optimizer and
-activations). Blocks run in the order TRL, alignd, alignd, TRL (``--rounds 2``; ABBA cancels a
-linear drift in machine speed). A step's time is the wall time between the ends of consecutive
-optimizer steps (TRL: ``on_step_end`` callbacks; alignd: the reporter's per-step call), so it covers
-collation, both forwards, backward, clipping, the optimizer and scheduler steps and logging. Step 1
-(warm-up) is left out of the means; the per-side mean pools steps 2..8 of its blocks.
+The check (one child process, both sides built in it; any mismatch exits non-zero):
+1. TRL's collated ``input_ids`` and ``completion_mask`` equal alignd's for every batch.
+2. With equal *non-zero* LoRA weights (B drawn from a seeded normal, A copied; at B = 0 policy ==
+   reference and the loss is ln 2 whatever the code does), on the first batch: the per-sequence
+   policy and reference log-probs of alignd (both layouts) against TRL's (``fused_lm_head`` over every
+   position; reference with the adapter disabled), within ``LOGPS_ATOL``; the loss; and the LoRA
+   gradients of one backward through ``DPORecipe._loss`` against one through TRL's ``compute_loss``,
+   relative error ``|g_alignd - g_trl| / |g_trl|`` over all LoRA parameters within ``GRAD_RTOL``.
+
+Timing. Each block of 8 steps runs in its own process (multiprocessing "spawn": fork + exec, a fresh
+address space), and its peak memory is that process's ``VmHWM`` (peak resident set: imports, model,
+optimizer, activations) from ``/proc/self/status``. Not ``ru_maxrss``: Linux carries it across
+exec, so every child would report at least the parent's peak. Blocks run in the order TRL, alignd,
+plain, plain, alignd, TRL (``--rounds 2``; the mirror order cancels a linear drift in machine speed).
+A step's time is the wall time between the ends of consecutive optimizer steps (TRL:
+``on_step_end`` callbacks; alignd: the reporter's per-step call), so it covers collation, both
+forwards, backward, clipping, the optimizer and scheduler steps and logging. Step 1 (warm-up) is
+left out of the means; an arm's mean pools steps 2..8 of its blocks.
 
 The last line printed is
-``dpo_vs_trl speedup=<alignd steps/s / TRL steps/s> loss_diff=<|loss difference|>
-alignd_steps_per_s=<x> trl_steps_per_s=<y> peak_rss_ratio=<alignd / TRL>``.
+``dpo_vs_trl: speedup=<trl_step / alignd_step> plain_speedup=<trl_step / plain_step>
+layout_speedup=<plain_step / alignd_step> alignd_step=<s> trl_step=<s> plain_step=<s>
+peak_mib alignd=<MiB> trl=<MiB> plain=<MiB> logps_diff=<max abs> grad_rel=<rel> loss_curve_diff=<max abs>``.
 
-Run: ``make bench-dpo`` or ``.venv/bin/python bench/dpo_vs_trl.py [--rounds N] [--steps N]``.
-The CPU is shared with whatever else runs on the machine: timings on a busy machine are noisy.
+Run: ``make bench-dpo`` or ``.venv/bin/python bench/dpo_vs_trl.py [--rounds N] [--steps N]``
+(``--rounds 0``: the check only). The CPU is shared with whatever else runs on the machine: timings
+on a busy machine are noisy (the load average is printed).
 """
 
 from __future__ import annotations
@@ -47,11 +61,11 @@ import argparse
 import math
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +76,61 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ALIGND_MODEL_CACHE", str(REPO / ".alignd" / "models"))
+
+#: per-sequence log-prob sums (nats), alignd against TRL; measured ~6e-5 (fp32 summation order)
+LOGPS_ATOL = 1e-3
+#: |g_alignd - g_trl| / |g_trl| over every LoRA gradient; measured ~3e-6
+GRAD_RTOL = 1e-4
+#: per-step losses of the 8-step curves from the same initial weights; measured ~1.4e-6
+LOSS_CURVE_ATOL = 1e-4
+ARMS = ("trl", "alignd", "plain")
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def vm_hwm_bytes(status: str | None = None) -> int:
+    """This process's peak resident set (``VmHWM``) from ``/proc/self/status`` text, in bytes."""
+    if status is None:
+        status = Path("/proc/self/status").read_text()
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            if unit != "kB":
+                raise ValueError(f"unexpected VmHWM unit {unit!r}")
+            return int(value) * 1024
+    raise ValueError("no VmHWM line in /proc/self/status")
+
+
+def mirrored_order(arms: Sequence[str], rounds: int) -> list[str]:
+    """``arms`` forwards in even rounds, backwards in odd ones (ABC CBA ...): a linear drift cancels."""
+    order: list[str] = []
+    for round_ in range(rounds):
+        order += list(arms) if round_ % 2 == 0 else list(reversed(arms))
+    return order
+
+
+def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
+    """Largest ``|a[i] - b[i]|``; curves of different lengths are a mismatch, not a shorter comparison."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"curves of lengths {len(a)} and {len(b)}")
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def relative_error(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> float:
+    """``|ours - theirs| / |theirs|`` over all tensors together (Frobenius norms), same names required."""
+    import torch
+
+    if set(ours) != set(theirs):
+        raise ValueError(f"names differ: {sorted(set(ours) ^ set(theirs))[:4]}")
+    diff = torch.stack([(ours[n].double() - theirs[n].double()).norm() for n in theirs]).norm()
+    scale = torch.stack([theirs[n].double().norm() for n in theirs]).norm()
+    if scale == 0:
+        raise ValueError("the reference tensors are all zero: nothing to compare")
+    return float(diff / scale)
+
+
+# --------------------------------------------------------------------------- shared set-up
+
 
 MODEL = "SmolLM2-135M-Instruct"
 N_PAIRS = 64
@@ -86,7 +155,7 @@ def _rows() -> list[dict[str, Any]]:
     return preference_pairs(N_PAIRS, split="train", seed=SEED)
 
 
-def _alignd_recipe(workdir: Path, steps: int) -> Any:
+def _alignd_recipe(workdir: Path, steps: int, plain_layout: bool = False) -> Any:
     """alignd's DPO recipe, set up in-process on a local object store (no service, no database)."""
     from service.jobs.spec import DpoHyperparameters, LoraTraining
     from workers.local import MemoryReporter, local_context, method_of
@@ -101,7 +170,7 @@ def _alignd_recipe(workdir: Path, steps: int) -> Any:
         training_type=LoraTraining(r=CONFIG["lora_r"], alpha=CONFIG["lora_alpha"], dropout=CONFIG["lora_dropout"],
                                    target_modules=list(CONFIG["target_modules"])),
         training_rows=_rows(), settings=_settings(), reporter=MemoryReporter())
-    recipe = DPORecipe(ctx)
+    recipe = DPORecipe(ctx, plain_layout=plain_layout)
     recipe.setup()
     return recipe
 
@@ -164,16 +233,50 @@ def _trl_trainer(tokenizer: Any, batches: list[list[int]], workdir: Path, steps:
                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 # --------------------------------------------------------------------------- child processes
 
 
-def _check(workdir: Path) -> dict[str, Any]:
-    """Same tokens on both sides, and the loss of both on the first batch with equal non-zero LoRA."""
+def _alignd_lora(recipe: Any) -> dict[str, Any]:
+    return {n: p for n, p in recipe.accelerator.unwrap_model(recipe.policy).model.named_parameters()
+            if "lora_" in n}
+
+
+def _trl_lora(trainer: Any) -> dict[str, Any]:
+    return {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
+def _load_lora(params: dict[str, Any], path: Path) -> None:
+    """Copy the saved initial LoRA weights into ``params`` (the same names on both sides)."""
     import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    if set(saved) != set(params):
+        raise SystemExit(f"LoRA parameter names differ from the saved init: {sorted(set(saved) ^ set(params))[:4]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+def _trl_sequence_logps(trainer: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """TRL's per-sequence policy and reference log-prob sums ``[chosen..., rejected...]``: the policy
+    forward as ``DPOTrainer._compute_loss`` runs it, the reference through ``compute_ref_log_probs``."""
+    import torch
+
+    kwargs = {k: v for k, v in batch.items() if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        out = trainer.model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+        policy = out.log_probs[:, -(batch["completion_mask"].shape[1] - 1):].sum(dim=1)
+        ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    return policy, ref
+
+
+def _check(workdir: Path, init_path: Path) -> dict[str, Any]:
+    """Same tokens; with equal non-zero LoRA, the same per-sequence log-probs, loss and gradients.
+    Saves alignd's initial LoRA weights to ``init_path`` for the timed children."""
+    import torch
+    from safetensors.torch import save_file
 
     from workers.recipes.dpo import collate_plain
 
@@ -183,56 +286,70 @@ def _check(workdir: Path) -> dict[str, Any]:
         raise SystemExit("the bench's batch order is not the recipe's")
     trainer = _trl_trainer(tokenizer, batches, workdir, steps=1)
     # 1. Tokens: every TRL batch equals alignd's plain [chosen..., rejected...] batch.
-    loader = trainer.get_train_dataloader()
     same_tokens = True
-    for indices, trl_batch in zip(batches, loader, strict=False):
+    for indices, trl_batch in zip(batches, trainer.get_train_dataloader(), strict=True):
         ours = collate_plain([recipe.pairs[i] for i in indices], recipe.tokenizer.pad_token_id)
         ours_mask = torch.zeros_like(ours.input_ids)
         ours_mask.view(-1)[ours.src + 1] = 1  # targets at their own index, as TRL's completion_mask
         same_tokens &= torch.equal(trl_batch["input_ids"].cpu(), ours.input_ids)
         same_tokens &= torch.equal(trl_batch["completion_mask"].cpu(), ours_mask)
-    # 2. Equal non-zero LoRA weights.
-    generator = torch.Generator().manual_seed(1)
-    ours_lora = {n: p for n, p in recipe.accelerator.unwrap_model(recipe.policy).model.named_parameters()
-                 if "lora_" in n}
-    trl_lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    # 2. The initial weights for the timed children, then equal non-zero LoRA weights on both sides.
+    ours_lora, trl_lora = _alignd_lora(recipe), _trl_lora(trainer)
     if set(ours_lora) != set(trl_lora):
         raise SystemExit(f"LoRA parameter names differ: {sorted(set(ours_lora) ^ set(trl_lora))[:4]}")
+    save_file({n: p.detach().contiguous() for n, p in ours_lora.items()}, str(init_path))
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in ours_lora.items():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
             trl_lora[name].copy_(param)
-    # 3. The first batch through both.
-    first = batches[0]
-    with torch.no_grad():
-        ours_loss, stats = recipe._loss(recipe._collate([recipe.pairs[i] for i in first]))
-        trl_batch = next(iter(trainer.get_train_dataloader()))
-        trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    # 3. Per-sequence log-probs on the first batch: alignd's two layouts against TRL.
+    first = [recipe.pairs[i] for i in batches[0]]
+    trl_batch = next(iter(trainer.get_train_dataloader()))
+    trl_policy, trl_ref = _trl_sequence_logps(trainer, trl_batch)
+    logps_diff: dict[str, float] = {}
+    for layout, shared in (("shared", True), ("plain", False)):
+        batch = recipe._collate(first, shared=shared)
+        with torch.no_grad():
+            policy, _ = recipe.policy(batch)
+            ref, _ = recipe._reference_logps(batch)
+        logps_diff[f"{layout}_policy"] = float((policy - trl_policy).abs().max())
+        logps_diff[f"{layout}_ref"] = float((ref - trl_ref).abs().max())
+    # 4. One backward each: alignd's loss (the layout it runs) and TRL's compute_loss.
+    for params in (ours_lora, trl_lora):
+        for param in params.values():
+            param.grad = None
+    ours_loss, _ = recipe._loss(recipe._collate(first))
+    ours_loss.backward()
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    trl_loss.backward()
     mode = "train" if trainer.model.training else "eval"
     trl_metrics = {k: v[-1] for k, v in trainer._metrics[mode].items() if v}
+    grad_rel = relative_error({n: p.grad for n, p in ours_lora.items()}, {n: p.grad for n, p in trl_lora.items()})
+    half = len(first)
     return {
-        "same_tokens": bool(same_tokens),
+        "same_tokens": bool(same_tokens), "shared_layout": bool(recipe.shared_layout),
         "alignd_loss": float(ours_loss), "trl_loss": float(trl_loss),
-        "alignd_logps_chosen": float(stats["logps_chosen"].mean()),
-        "trl_logps_chosen": float(trl_metrics.get("logps/chosen", math.nan)),
-        "alignd_logps_rejected": float(stats["logps_rejected"].mean()),
-        "trl_logps_rejected": float(trl_metrics.get("logps/rejected", math.nan)),
-        "shared_layout": bool(recipe.shared_layout),
+        "logps_diff": logps_diff, "grad_rel": grad_rel,
+        "trl_logps": [float(trl_policy[:half].mean()), float(trl_policy[half:].mean())],
+        # what compute_loss itself logged: our replay of TRL's forward must be TRL's forward
+        "trl_metric_logps": [float(trl_metrics.get("logps/chosen", math.nan)),
+                             float(trl_metrics.get("logps/rejected", math.nan))],
     }
 
 
-def _time_alignd(workdir: Path, steps: int) -> dict[str, Any]:
-    recipe = _alignd_recipe(workdir, steps)
+def _time_alignd(workdir: Path, steps: int, init_path: Path, plain_layout: bool) -> dict[str, Any]:
+    recipe = _alignd_recipe(workdir, steps, plain_layout=plain_layout)
+    _load_lora(_alignd_lora(recipe), init_path)
     result = recipe.train()
     reporter = recipe.ctx.reporter
     assert result.status == "succeeded", result
     return {"step_times": [b - a for a, b in zip(reporter.stamps, reporter.stamps[1:], strict=False)],
-            "losses": reporter.series("loss"),
-            "peak_rss": _peak_rss_bytes(), "shared_layout": bool(recipe.shared_layout)}
+            "losses": reporter.series("loss"), "peak": vm_hwm_bytes(), "layout": recipe.layout.name}
 
 
-def _time_trl(workdir: Path, steps: int) -> dict[str, Any]:
+def _time_trl(workdir: Path, steps: int, init_path: Path) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):  # type: ignore[misc]
@@ -253,15 +370,16 @@ def _time_trl(workdir: Path, steps: int) -> dict[str, Any]:
     clock = Clock()
     tokenizer, batches = _tokenizer_and_batches()
     trainer = _trl_trainer(tokenizer, batches, workdir, steps, callbacks=[clock])
+    _load_lora(_trl_lora(trainer), init_path)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # logs still computed every step, just not printed
     trainer.train()
     return {"step_times": [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)],
-            "losses": clock.losses, "peak_rss": _peak_rss_bytes()}
+            "losses": clock.losses, "peak": vm_hwm_bytes(), "layout": "trl"}
 
 
-def _child(kind: str, steps: int, threads: int | None, queue: Any) -> None:
+def _child(kind: str, steps: int, threads: int | None, init_path: Path, queue: Any) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -280,18 +398,18 @@ def _child(kind: str, steps: int, threads: int | None, queue: Any) -> None:
     with tempfile.TemporaryDirectory(prefix=f"dpo-bench-{kind}-") as tmp:
         workdir = Path(tmp)
         if kind == "check":
-            out = _check(workdir)
-        elif kind == "alignd":
-            out = _time_alignd(workdir, steps)
+            out = _check(workdir, init_path)
+        elif kind in ("alignd", "plain"):
+            out = _time_alignd(workdir, steps, init_path, plain_layout=kind == "plain")
         else:
-            out = _time_trl(workdir, steps)
+            out = _time_trl(workdir, steps, init_path)
     queue.put(out)
 
 
-def _run(kind: str, steps: int, threads: int | None) -> dict[str, Any]:
+def _run(kind: str, steps: int, threads: int | None, init_path: Path) -> dict[str, Any]:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(kind, steps, threads, queue))
+    process = context.Process(target=_child, args=(kind, steps, threads, init_path, queue))
     process.start()
     out = queue.get()
     process.join()
@@ -303,9 +421,39 @@ def _run(kind: str, steps: int, threads: int | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
+def _report_check(check: dict[str, Any]) -> tuple[float, float]:
+    """Print the check; exit non-zero on any mismatch. Returns (max log-prob diff, gradient rel. error)."""
+    diffs = check["logps_diff"]
+    logps_diff = max(diffs.values())
+    print(f"check: tokens identical={check['same_tokens']}, shared-prompt layout={check['shared_layout']}; "
+          f"first batch with equal non-zero LoRA: loss alignd {check['alignd_loss']:.7f}, TRL "
+          f"{check['trl_loss']:.7f} (ln 2 = {math.log(2):.7f}); per-sequence max |logps diff| vs TRL: "
+          + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+          + f"; LoRA grads relative error {check['grad_rel']:.2g}; TRL logps/chosen,rejected "
+          f"{check['trl_logps'][0]:.4f},{check['trl_logps'][1]:.4f} (its metrics "
+          f"{check['trl_metric_logps'][0]:.4f},{check['trl_metric_logps'][1]:.4f})", flush=True)
+    failures = []
+    if not check["same_tokens"]:
+        failures.append("TRL and alignd tokenised the pairs differently")
+    if not check["shared_layout"]:
+        failures.append("alignd did not run its shared-prompt layout")
+    if logps_diff > LOGPS_ATOL:
+        failures.append(f"per-sequence log-probs differ by {logps_diff:.3g} > {LOGPS_ATOL}")
+    if not check["grad_rel"] <= GRAD_RTOL:
+        failures.append(f"LoRA gradients differ by {check['grad_rel']:.3g} (relative) > {GRAD_RTOL}")
+    if not abs(check["alignd_loss"] - check["trl_loss"]) <= LOGPS_ATOL:
+        failures.append("the first-batch losses differ")
+    if max_abs_diff(check["trl_logps"], check["trl_metric_logps"]) > 1e-4:
+        failures.append("the replayed TRL forward is not what TRL's compute_loss computed")
+    if failures:
+        raise SystemExit("dpo_vs_trl: CHECK FAILED: " + "; ".join(failures))
+    return logps_diff, check["grad_rel"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds: TRL, alignd, alignd, TRL, ...")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="mirrored rounds: TRL, alignd, plain, plain, alignd, TRL, ... (0: the check only)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per block (max 8: one epoch)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch)")
     args = parser.parse_args()
@@ -315,42 +463,41 @@ def main() -> None:
 
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"on {os.cpu_count()} CPUs", flush=True)
-    check = _run("check", args.steps, args.threads)
-    loss_diff = abs(check["alignd_loss"] - check["trl_loss"])
-    print(f"check: tokens identical={check['same_tokens']}, shared-prompt layout={check['shared_layout']}; "
-          f"first-batch loss with equal non-zero LoRA: alignd {check['alignd_loss']:.7f}, "
-          f"TRL {check['trl_loss']:.7f} (ln 2 = {math.log(2):.7f}); "
-          f"logps/chosen {check['alignd_logps_chosen']:.4f} vs {check['trl_logps_chosen']:.4f}, "
-          f"logps/rejected {check['alignd_logps_rejected']:.4f} vs "
-          f"{check['trl_logps_rejected']:.4f}", flush=True)
-    if not check["same_tokens"]:
-        raise SystemExit("TRL and alignd tokenised the pairs differently; the comparison would be unfair")
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as shared:
+        init_path = Path(shared) / "lora_init.safetensors"
+        logps_diff, grad_rel = _report_check(_run("check", args.steps, args.threads, init_path))
+        if args.rounds < 1:
+            return
+        times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        peaks: dict[str, int] = dict.fromkeys(ARMS, 0)
+        curves: dict[str, list[list[float]]] = {arm: [] for arm in ARMS}
+        for kind in mirrored_order(ARMS, args.rounds):
+            began = time.perf_counter()
+            out = _run(kind, args.steps, args.threads, init_path)
+            steady = out["step_times"][1:]
+            times[kind] += steady
+            peaks[kind] = max(peaks[kind], out["peak"])
+            curves[kind].append(out["losses"])
+            print(f"{kind:6s} block ({out['layout']}): steps {' '.join(f'{t:.2f}' for t in out['step_times'])} s "
+                  f"(steady mean {statistics.mean(steady):.3f} s), losses "
+                  f"{' '.join(f'{v:.6f}' for v in out['losses'])}, peak (VmHWM) {out['peak'] / 2**20:.0f} MiB, "
+                  f"block wall {time.perf_counter() - began:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
 
-    order = []
-    for round_ in range(args.rounds):
-        order += ["trl", "alignd"] if round_ % 2 == 0 else ["alignd", "trl"]
-    times: dict[str, list[float]] = {"trl": [], "alignd": []}
-    rss: dict[str, int] = {"trl": 0, "alignd": 0}
-    for kind in order:
-        began = time.perf_counter()
-        out = _run(kind, args.steps, args.threads)
-        steady = out["step_times"][1:]
-        times[kind] += steady
-        rss[kind] = max(rss[kind], out["peak_rss"])
-        print(f"{kind:6s} block: steps {' '.join(f'{t:.2f}' for t in out['step_times'])} s "
-              f"(steady mean {statistics.mean(steady):.3f} s), losses "
-              f"{' '.join(f'{v:.4f}' for v in out['losses'])}, peak RSS {out['peak_rss'] / 2**20:.0f} MiB, "
-              f"block wall {time.perf_counter() - began:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
-
-    trl_step, alignd_step = statistics.mean(times["trl"]), statistics.mean(times["alignd"])
+    curve_diff = max(max_abs_diff(ours, theirs) for arm in ("alignd", "plain")
+                     for ours in curves[arm] for theirs in curves["trl"])
+    step = {arm: statistics.mean(times[arm]) for arm in ARMS}
+    mib = {arm: peaks[arm] / 2**20 for arm in ARMS}
     print(f"per-step mean over steps 2..{args.steps} of {args.rounds} blocks each: "
-          f"alignd {alignd_step:.3f} s "
-          f"(median {statistics.median(times['alignd']):.3f}), TRL {trl_step:.3f} s "
-          f"(median {statistics.median(times['trl']):.3f}); peak RSS alignd {rss['alignd'] / 2**20:.0f} MiB, "
-          f"TRL {rss['trl'] / 2**20:.0f} MiB", flush=True)
-    print(f"dpo_vs_trl speedup={trl_step / alignd_step:.3f} loss_diff={loss_diff:.3g} "
-          f"alignd_steps_per_s={1 / alignd_step:.4f} trl_steps_per_s={1 / trl_step:.4f} "
-          f"peak_rss_ratio={rss['alignd'] / rss['trl']:.3f}")
+          + ", ".join(f"{arm} {step[arm]:.3f} s (median {statistics.median(times[arm]):.3f})" for arm in ARMS)
+          + "; peak VmHWM " + ", ".join(f"{arm} {mib[arm]:.0f} MiB" for arm in ARMS)
+          + f"; loss curves max |diff| vs TRL {curve_diff:.3g}", flush=True)
+    print(f"dpo_vs_trl: speedup={step['trl'] / step['alignd']:.3f} plain_speedup={step['trl'] / step['plain']:.3f} "
+          f"layout_speedup={step['plain'] / step['alignd']:.3f} alignd_step={step['alignd']:.3f}s "
+          f"trl_step={step['trl']:.3f}s plain_step={step['plain']:.3f}s peak_mib alignd={mib['alignd']:.0f} "
+          f"trl={mib['trl']:.0f} plain={mib['plain']:.0f} logps_diff={logps_diff:.2g} grad_rel={grad_rel:.2g} "
+          f"loss_curve_diff={curve_diff:.2g}", flush=True)
+    if curve_diff > LOSS_CURVE_ATOL:
+        raise SystemExit(f"dpo_vs_trl: CHECK FAILED: the loss curves differ by {curve_diff:.3g} > {LOSS_CURVE_ATOL}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,8 @@ def _check(workdir: Path, model: str, device: str) -> dict[str, Any]:
               "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": trl_old,
               "ref_per_token_logps": trl_ref, "num_items_in_batch": completion_mask.sum()}
     trainer.model.train()
+    # set by Trainer's training loop (the micro-batches of the step); _compute_loss normalises by it
+    trainer.current_gradient_accumulation_steps = 1
     trl_loss = trainer._compute_loss(trainer.model, inputs)
     trl_loss.backward()
     with recipe.models.using(POLICY):

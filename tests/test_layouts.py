@@ -283,3 +283,24 @@ def test_a_packed_job_logs_the_unpacked_losses(tmp_path: Path, kind: str) -> Non
     assert data["layout"] == "packed_positions" and data["padding_share_packed"] <= data["padding_share_padded"]
     (off,) = [d for _, _, d in padded.events if d and d.get("layout")]
     assert off["layout"] == "padded"
+
+
+def test_a_dpo_job_runs_the_plain_layout_when_asked(tmp_path: Path) -> None:
+    """The bench's switch: same set-up, plain padded batches, no shared-prompt warning."""
+    from service.jobs.spec import DpoHyperparameters
+    from workers.recipes.dpo import DPORecipe
+
+    hp = DpoHyperparameters(batch_size=4, max_steps=1)
+    ctx = local_context(tmp_path, model=TINY_RANDOM_LLAMA, method=method_of("dpo", hp),
+                        training_type=LoraTraining(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                        training_rows=PREFERENCE_ROWS, seed=1,
+                        settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE))
+    recipe = DPORecipe(ctx, plain_layout=True)
+    recipe.setup()
+    batch = recipe._collate(recipe.pairs[:2])
+    recipe.cleanup()
+    assert not recipe.shared_layout and batch.attention_mask.dim() == 2  # [chosen..., rejected...] rows
+    assert batch.input_ids.shape[0] == 4
+    (data,) = [d for _, _, d in ctx.reporter.events if d and d.get("layout")]
+    assert data == {"layout": "plain", "reason": "the plain layout was asked for"}
+    assert ctx.reporter.messages("warn") == []

@@ -115,8 +115,12 @@ class _Tally:
 
 
 class DPORecipe:
-    def __init__(self, ctx: JobContext) -> None:
+    def __init__(self, ctx: JobContext, *, plain_layout: bool = False) -> None:
+        """``plain_layout``: run the plain padded layout even where the shared-prompt one would be
+        chosen. Not a hyperparameter (the layouts give the same log-probs): ``bench/dpo_vs_trl.py``
+        uses it to measure how much of the speedup the layout is."""
         self.ctx = ctx
+        self.plain_layout = plain_layout
         self.hp = ctx.hyperparameters_as(DpoHyperparameters)
         self.is_lora = isinstance(ctx.training_type, LoraTraining)
         self.last_eval: dict[str, float] = {}
@@ -133,7 +137,8 @@ class DPORecipe:
         self.reference: nn.Module | None = None
         frozen = (copy.deepcopy(base).requires_grad_(False).eval()
                   if not self.is_lora and not hp.precompute_ref_log_probs else None)
-        self.layout = choose_layout("pairs", base.config, self.accelerator.device)
+        self.layout = (Layout("plain", "the plain layout was asked for") if self.plain_layout
+                       else choose_layout("pairs", base.config, self.accelerator.device))
         if self.layout.flex:
             for model in (base, frozen):
                 if model is not None:
@@ -180,6 +185,8 @@ class DPORecipe:
 
     def _check_shared_layout(self, lm: Any) -> bool:
         """Compare both layouts on two pairs; any model the shared one does not suit gets the plain one."""
+        if self.plain_layout:  # asked for: the layout event says so, no warning
+            return False
         if self.layout.name == "plain":
             reason = self.layout.reason
         else:
