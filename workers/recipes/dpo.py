@@ -377,8 +377,13 @@ class DPORecipe:
         ctx.reporter.event(f"Fine-tuning started: DPO ({hp.loss_type}, beta={hp.beta}) on {ctx.model}, "
                            f"{len(self.pairs)} pairs, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
-        if self.retention is not None and not self.is_lora and ctx.resume_from is None:
-            self.retention.record_base(self._answers(base=True))  # before step 1 the policy is the base
+        if self.retention is not None and not self.is_lora:  # full: before step 1 the policy is the base
+            if ctx.resume_from is None:
+                self.retention.record_base(self._answers(base=True))
+            else:
+                self.retention = None
+                ctx.reporter.event("The retention probe is off for this resumed full fine-tune: its base "
+                                   "answers are no longer at hand", level="warn")
         if hp.precompute_ref_log_probs:
             self.stored_ref = self.precompute_reference()
             if self.stored_ref is None and ctx.reporter.stop_reason() == "cancel":
