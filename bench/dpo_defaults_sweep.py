@@ -36,7 +36,7 @@ LENGTH_TOKENS = 64
 
 
 def train_point(workdir: Path, *, train: int, val: int, seed: int = 0, training: dict[str, Any] | None = None,
-                **hyperparameters: Any) -> dict[str, float]:
+                model: str = MODEL, **hyperparameters: Any) -> dict[str, float]:
     """One DPO run in process; ``acc``, ``ret``, ``len`` (see the module docstring) and ``seconds``."""
     import torch
 
@@ -55,7 +55,7 @@ def train_point(workdir: Path, *, train: int, val: int, seed: int = 0, training:
                                "retention_grader": RETENTION_GRADER, **hyperparameters})
     validation = preference_pairs(val, "validation")
     settings = Settings.from_env()
-    ctx = local_context(workdir, model=MODEL, method=method_of("dpo", hp), seed=seed,
+    ctx = local_context(workdir, model=model, method=method_of("dpo", hp), seed=seed,
                         training_type=LoraTraining(**(training or {})),
                         training_rows=preference_pairs(train, "train"), validation_rows=validation,
                         settings=replace(settings, data_dir=workdir / "data"),

@@ -63,7 +63,8 @@ PLAIN_ARMS: dict[str, dict[str, Any]] = {
 
 
 def plain_loop(*, train: int, val: int, seed: int = 0, clip: float | None = None, linear: bool = False,
-               mask: str = "completion", mean: bool = False) -> dict[str, float]:
+               mask: str = "completion", mean: bool = False, model_name: str = "SmolLM2-135M-Instruct",
+               ) -> dict[str, float]:
     """The issue's kind of loop, written from scratch (no alignd training code; alignd's tokenisation,
     so both sides train on the same tokens)."""
     import torch
@@ -78,7 +79,7 @@ def plain_loop(*, train: int, val: int, seed: int = 0, clip: float | None = None
     from workers.retention import greedy_answers
 
     torch.manual_seed(seed)
-    path = resolve_base_model("SmolLM2-135M-Instruct", Settings.from_env())
+    path = resolve_base_model(model_name, Settings.from_env())
     tok = load_tokenizer(path)
     model = get_peft_model(load_causal_lm(path), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                             target_modules=LORA["target_modules"]))
