@@ -52,6 +52,9 @@ def test_probe_grades_with_the_string_check_grader() -> None:
     assert metrics == {"eval/retention": pytest.approx(2 / 3), "eval/retention_base_correct": 3.0,
                        "eval/retention_policy_correct": 3.0, "eval/retention_prompts": 4.0}
     assert probe.metrics(probe.base_answers)["eval/retention"] == 1.0
+    probe.record_base(["no", "no", "no", "no"])  # nothing to retain: no share (a series holds numbers only)
+    assert probe.metrics(["London", "Moscow", "x", "y"]) == {
+        "eval/retention_base_correct": 0.0, "eval/retention_policy_correct": 2.0, "eval/retention_prompts": 4.0}
 
 
 # --------------------------------------------------------------------------- in the recipe

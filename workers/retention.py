@@ -9,8 +9,8 @@ turn plus the fields its ``retention_grader`` reads) gets ``eval/retention`` at 
   marks which answers are right;
 * at every evaluation the policy answers greedily and is graded the same way;
 * ``eval/retention`` = the share of the prompts the base got right that the policy still gets right
-  (NaN when the base got none right: nothing to retain), with ``eval/retention_base_correct`` and
-  ``eval/retention_policy_correct`` (counts) beside it.
+  (left out when the base got none right: nothing to retain; metric series hold numbers only), with
+  ``eval/retention_base_correct`` and ``eval/retention_policy_correct`` (counts) beside it.
 
 Grading reuses ``service.graders`` (string_check, text_similarity, python in the sandbox, multi);
 a reward of at least :data:`PASS_THRESHOLD` counts as right. No database: the runner resolves the
@@ -102,8 +102,10 @@ class RetentionProbe:
         if self.base_right is None:
             raise RuntimeError("the base's answers are graded at the first evaluation, before the policy's")
         policy_right = self.grade(policy_answers)
-        return {"eval/retention": retention_share(self.base_right, policy_right),
-                "eval/retention_base_correct": float(sum(self.base_right)),
-                "eval/retention_policy_correct": float(sum(policy_right)),
-                "eval/retention_prompts": float(len(policy_right))}
+        share = retention_share(self.base_right, policy_right)
+        counts = {"eval/retention_base_correct": float(sum(self.base_right)),
+                  "eval/retention_policy_correct": float(sum(policy_right)),
+                  "eval/retention_prompts": float(len(policy_right))}
+        # a metric series holds numbers only: no share at all when the base knew nothing to retain
+        return counts if math.isnan(share) else {"eval/retention": share, **counts}
 
