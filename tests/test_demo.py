@@ -8,6 +8,7 @@ library noise it must hide is shown to exist by the same probe run without the e
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -97,5 +98,19 @@ def test_the_demo_output_is_clean_plain_lines(tmp_path: Path) -> None:
     assert set(table) == {"loss", "margin", "accuracy", "model"}, out
     assert "ft:tiny-random-llama:demo:concise:ftjob-" in table["model"]
     assert "held-out prompts, before → after DPO:" in out and "  Q: What is the capital of Portugal?" in out
+    # the retention probe: every fact with its answers before and after, marked, then the job's figure
+    assert "retention probe, before → after DPO (is the fact still there?):" in out
+    from workers.demo_data import RETENTION_FACTS
+
+    marked = [line for line in lines if line.startswith("  Q: ") and "(fact: " in line]
+    assert len(marked) == len(RETENTION_FACTS), out
+    assert all(line.endswith((" — kept", " — lost", " — gained", " — absent")) for line in marked), marked
+    assert sum(line.startswith(("  before [yes]: ", "  before [no]: ")) for line in lines) == len(RETENTION_FACTS)
+    assert sum(line.startswith(("  after  [yes]: ", "  after  [no]: ")) for line in lines) == len(RETENTION_FACTS)
+    figure = [line for line in lines if line.startswith("retention: ")]
+    assert len(figure) == 1 and "eval/retention" in figure[0], out
+    assert re.match(r"retention: (\d\.\d\d|n/a \(the base knew none\)) of the facts the base answered right",
+                    figure[0]), figure
+    assert "retention-probe facts" in out
     assert lines[-1].startswith("demo finished in ")
     assert "Uvicorn" in log.read_text() or "alignd: API on" in log.read_text()  # the service wrote to the log

@@ -98,6 +98,8 @@ class JobContext:
     #: how the ranks share the model (``resources.strategy``: single, ddp, fsdp); ``workers.fsdp``
     #: shards a full fine-tune when it is ``fsdp`` and there are several ranks
     strategy: str = "single"
+    #: storage keys of further files the hyperparameters name, by field (a DPO job's ``retention_file``)
+    file_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def hyperparameters(self) -> CommonHyperparameters:

@@ -4,6 +4,11 @@ It starts the embedded service (``alignd serve``) as a child process, uploads th
 concise-vs-verbose preference set, trains, follows progress, prints the loss curve, downloads the
 adapter and compares a few generations before and after. Everything runs offline.
 
+The job uses the DPO defaults (only ``max_length`` and checkpointing are set) and the retention probe
+(``workers/demo_data.py``: facts the base answers right): the last 8 pairs are the validation file,
+the probe the ``retention_file``, and the demo prints, beside each probe answer before and after,
+whether the fact is still there, and the job's ``eval/retention`` at the end.
+
 What it prints comes from :mod:`service.console` (rich in a terminal, plain lines in a pipe or a log),
 the same progress bar and sparklines as ``alignd jobs follow``. The training stack's own output
 (tqdm bars, warnings, library logging) and the embedded service's go to ``<data dir>/demo.log``; an
@@ -30,7 +35,7 @@ from service.client import Client
 from service.console import Output, drop_library_stderr_handlers, event_line, quiet_libraries, sparkline
 from service.db.engine import make_engine, make_session_factory, migrate, session_scope
 from service.settings import Settings
-from workers.demo_data import HELD_OUT_PROMPTS, preference_rows
+from workers.demo_data import HELD_OUT_PROMPTS, RETENTION_FACTS, RETENTION_GRADER, preference_rows, retention_rows
 
 log = logging.getLogger("alignd.demo")
 
@@ -48,7 +53,11 @@ def _api_key(settings: Settings) -> str:
         return create_key(session, "demo")[1]
 
 
-def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
+#: the last pairs of the built-in set are the validation file (the probe runs at each evaluation)
+VALIDATION_PAIRS = 8
+
+
+def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     import torch
     from peft import PeftModel
 
@@ -66,7 +75,8 @@ def _generate(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> 
         ids: Any = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  return_tensors="pt", return_dict=True)
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
         outputs.append(str(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)).strip())
     return outputs
 
@@ -92,16 +102,18 @@ def run(args: argparse.Namespace, out: Output, log_path: Path) -> int:
             except httpx.HTTPError:
                 time.sleep(0.3)
         rows = preference_rows()
-        training = client.upload_rows(rows, "concise_vs_verbose.jsonl")
+        training = client.upload_rows(rows[:-VALIDATION_PAIRS], "concise_vs_verbose.jsonl")
+        validation = client.upload_rows(rows[-VALIDATION_PAIRS:], "concise_vs_verbose_validation.jsonl")
+        probe = client.upload_rows(retention_rows(), "retention_probe.jsonl")
         out.line(f"uploaded {training['id']}: {training['examples']} {training['format']} pairs "
-                 f"({training['status']})")
+                 f"({training['status']}), {validation['examples']} validation pairs, "
+                 f"{probe['examples']} retention-probe facts")
         job = client.create_job({
-            "model": args.model, "training_file": training["id"], "suffix": "concise", "seed": 0,
-            "method": {"type": "dpo", "dpo": {"hyperparameters": {
-                "n_epochs": args.epochs, "batch_size": 4, "learning_rate": 5e-4, "beta": 0.1, "max_length": 256,
-                "checkpoint_every_steps": 10}}},
-            "training_type": {"type": "lora", "r": 16, "alpha": 32,
-                              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "model": args.model, "training_file": training["id"], "validation_file": validation["id"],
+            "suffix": "concise", "seed": 0,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {  # the DPO defaults, plus the probe
+                "max_length": 256, "checkpoint_every_steps": 10, **({"n_epochs": args.epochs} if args.epochs else {}),
+                "retention_file": probe["id"], "retention_grader": RETENTION_GRADER}}},
         })
         out.line(f"created {job['id']} (status {job['status']}); the worker converts {args.model} once on first use")
         job = _follow(client, job["id"], out)
@@ -117,6 +129,12 @@ def run(args: argparse.Namespace, out: Output, log_path: Path) -> int:
         before = _generate(base_dir, None, HELD_OUT_PROMPTS)
         after = _generate(base_dir, adapter_dir, HELD_OUT_PROMPTS)
         _report_answers(HELD_OUT_PROMPTS, before, after, out)
+        out.line("asking the retention probe's questions before and after …")
+        questions = [q for q, _ in RETENTION_FACTS]
+        before = _generate(base_dir, None, questions, max_new_tokens=32)
+        after = _generate(base_dir, adapter_dir, questions, max_new_tokens=32)
+        retention = [p["value"] for p in client.metrics(job["id"], "eval/retention")]
+        _report_retention(before, after, retention[-1] if retention else None, out)
         out.line(f"demo finished in {time.time() - started:.0f} s", style="bold")
         return 0
     finally:
@@ -180,10 +198,32 @@ def _report_answers(prompts: list[str], before: list[str], after: list[str], out
     out.line(f"mean answer length {mean_before:.1f} → {mean_after:.1f} words")
 
 
+def _report_retention(before: list[str], after: list[str], retention: float | None, out: Output) -> None:
+    """Each probed fact's answer before and after, marked kept / lost (the probe's grader decides)."""
+    from service.graders import grade
+
+    def right(text: str, answer: str) -> bool:
+        return grade(RETENTION_GRADER, text, {"answer": answer}).reward >= 0.5
+
+    out.line()
+    out.line("retention probe, before → after DPO (is the fact still there?):", style="bold")
+    for (question, answer), b, a in zip(RETENTION_FACTS, before, after, strict=True):
+        was, kept = right(b, answer), right(a, answer)
+        mark = "kept" if was and kept else "lost" if was else "gained" if kept else "absent"
+        out.line()
+        out.line(f"  Q: {question} (fact: {answer}) — {mark}", style="bold")
+        out.line(f"  before [{'yes' if was else 'no'}]: {b}")
+        out.line(f"  after  [{'yes' if kept else 'no'}]: {a}")
+    out.line()
+    shown = f"{retention:.2f}" if retention is not None and retention == retention else "n/a (the base knew none)"
+    out.line(f"retention: {shown} of the facts the base answered right are still answered right "
+             "(eval/retention, graded by the job)", style="bold")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The entry point: the library noise goes to the log before anything loads; no traceback on screen."""
     parser = argparse.ArgumentParser(prog="alignd demo")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None, help="n_epochs (default: the DPO default)")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct",
                         help="base model (tests use tiny-random-llama to run the whole demo in seconds)")
     args = parser.parse_args(argv)

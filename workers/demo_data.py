@@ -84,3 +84,41 @@ HELD_OUT_PROMPTS = [
     "How many wheels does a bicycle have?",
     "What is 7 plus 8?",
 ]
+
+
+# --------------------------------------------------------------------------- the retention probe
+
+#: Short factual questions SmolLM2-135M-Instruct answers right before any training (greedy, 32 new
+#: tokens, graded by :data:`RETENTION_GRADER`): 20 kept of 32 candidates, checked on the base converted
+#: from the shipped GGUF. None of them is a training question of this set or of ``bench/data.py``.
+RETENTION_FACTS: list[tuple[str, str]] = [
+    ("What is the capital of the United Kingdom?", "London"),
+    ("What is the capital of Russia?", "Moscow"),
+    ("What is the capital of China?", "Beijing"),
+    ("What is the capital of South Korea?", "Seoul"),
+    ("What is the capital of the Netherlands?", "Amsterdam"),
+    ("Who painted the Mona Lisa?", "Leonardo"),
+    ("Who developed the theory of relativity?", "Einstein"),
+    ("What is the largest ocean on Earth?", "Pacific"),
+    ("What is the longest river in Africa?", "Nile"),
+    ("What is the chemical symbol for water?", "H2O"),
+    ("What is the chemical symbol for sodium?", "Na"),
+    ("What is the largest mammal?", "whale"),
+    ("What is the main language spoken in Mexico?", "Spanish"),
+    ("What is the currency of Japan?", "yen"),
+    ("What is the currency of the United Kingdom?", "pound"),
+    ("What gas do humans need to breathe to survive?", "oxygen"),
+    ("Who wrote the play Hamlet?", "Shakespeare"),
+    ("What is the largest desert in the world?", "Sahara"),
+    ("What is the tallest mountain in the world?", "Everest"),
+    ("What force pulls objects toward the Earth?", "gravity"),
+]
+
+#: the answer must appear in the greedy output, case-insensitively
+RETENTION_GRADER: dict[str, object] = {"type": "string_check", "name": "fact", "operation": "ilike",
+                                       "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+
+
+def retention_rows() -> list[dict[str, object]]:
+    """The probe in the reinforcement format: ``messages`` ending in a user turn, the answer beside it."""
+    return [{"messages": [{"role": "user", "content": q}], "answer": a} for q, a in RETENTION_FACTS]

@@ -94,11 +94,13 @@ def local_context(workdir: Path, *, model: str, method: Method, training_type: T
                   seed: int = 0, settings: Settings | None = None, store: LocalStore | None = None,
                   reporter: MemoryReporter | None = None, job_id: str = "ftjob-local",
                   references: dict[str, ModelRef] | None = None,
-                  parent_adapter_keys: list[str] | None = None, strategy: str = "single") -> JobContext:
+                  parent_adapter_keys: list[str] | None = None, strategy: str = "single",
+                  extra_files: dict[str, Iterable[dict[str, Any]]] | None = None) -> JobContext:
     """A context for ``model`` (a registry base) whose files live in ``workdir/objects``.
 
     Several ranks (torchrun) may each build one over the same ``store``; ``strategy="fsdp"`` then
-    shards a full fine-tune (``workers.fsdp``), and every rank's reporter sees the combined metrics."""
+    shards a full fine-tune (``workers.fsdp``), and every rank's reporter sees the combined metrics.
+    ``extra_files``: further files by hyperparameter field (``retention_file``), as ``ctx.file_keys``."""
     store = store or LocalStore(workdir / "objects")
     training_key = write_jsonl(store, f"files/{job_id}-train", training_rows)
     validation_key = (write_jsonl(store, f"files/{job_id}-validation", validation_rows)
@@ -108,7 +110,9 @@ def local_context(workdir: Path, *, model: str, method: Method, training_type: T
                       training_type=training_type, seed=seed, suffix=None, training_file_key=training_key,
                       validation_file_key=validation_key, settings=settings or Settings.from_env(workdir / "data"),
                       store=store, reporter=reporter or MemoryReporter(), workdir=workdir,
-                      references=dict(references or {}), strategy=strategy)
+                      references=dict(references or {}), strategy=strategy,
+                      file_keys={name: write_jsonl(store, f"files/{job_id}-{name}", rows)
+                                 for name, rows in (extra_files or {}).items()})
 
 
 def method_of(kind: str, hp: CommonHyperparameters) -> Method:

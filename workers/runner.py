@@ -73,6 +73,8 @@ def build_context(state: AppState, job_id: str, reporter: Reporter, workdir: Pat
                 references[field] = _reference(repo, job.organization_id, field, name, param, kind)
         latest = repo.latest_checkpoint() if recipes.resumes(recipe) else None
         validation_key = repo.file(job.validation_file).storage_key if job.validation_file else None
+        retention_file = getattr(method.hyperparameters(), "retention_file", None)
+        file_keys = {"retention_file": repo.file(retention_file).storage_key} if retention_file else {}
         ctx = JobContext(
             resume_from=(latest.step_number, latest.storage_key) if latest else None,
             job_id=job.id, organization_name=repo.organization_name(job.organization_id), model=job.model,
@@ -81,7 +83,7 @@ def build_context(state: AppState, job_id: str, reporter: Reporter, workdir: Pat
             training_file_key=repo.file(job.training_file).storage_key, validation_file_key=validation_key,
             settings=state.settings, store=state.store, reporter=reporter, workdir=workdir, references=references,
             attempt=reporter.attempt or 0,
-            strategy=str((job.resources or {}).get("strategy") or "single"),
+            strategy=str((job.resources or {}).get("strategy") or "single"), file_keys=file_keys,
         )
     if not recipes.resumes(recipe):
         reporter.restart()

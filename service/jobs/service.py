@@ -15,6 +15,7 @@ from service.errors import APIError
 from service.jobs.chaining import validate_generate_preferences, validate_ppo
 from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
 from service.jobs.reinforcement import validate_reinforcement
+from service.jobs.retention import validate_retention
 from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, ReinforcementHyperparameters, to_builtins
 from service.limits import check_job_limits
 from service.model_registry import is_base_model
@@ -116,6 +117,8 @@ def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate, store: O
         validate_file(repo, spec.validation_file, "validation_file", method_type)
     if method_type == "reinforcement":
         validate_reinforcement(repo, settings, spec, store or open_store(settings.storage))
+    if method_type == "dpo":
+        validate_retention(repo, settings, spec, store or open_store(settings.storage))
     return plan_job(repo, settings, spec)
 
 

@@ -64,6 +64,7 @@ from workers.losses import dpo_loss, rpo_nll_loss
 from workers.modeling import apply_training_type, causal_lm_of, enable_activation_checkpointing, load_base
 from workers.pairs import LAYOUT_TOLERANCE, PairBatch, PairLogps, collate_plain, collate_shared
 from workers.recipes.common import prepare_frozen, prepare_training, release, result_weights, start
+from workers.retention import RetentionProbe, greedy_answers
 
 CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
 
@@ -164,6 +165,36 @@ class DPORecipe:
             self.layout = Layout("plain", "the shared-prompt check failed")
         ctx.reporter.event(f"Attention layout: {self.layout.name} ({self.layout.reason})",
                            data={"layout": self.layout.name, "reason": self.layout.reason})
+        self.retention = self._retention_probe()
+
+    def _retention_probe(self) -> RetentionProbe | None:
+        """The probe ``retention_file`` names (``workers.retention``), run at each evaluation."""
+        key = self.ctx.file_keys.get("retention_file")
+        if key is None or self.hp.retention_grader is None or not self.eval_pairs:
+            return None
+        from service.graders import Sandbox, uses_python
+
+        sandbox = Sandbox.from_settings(self.ctx.settings.graders) if uses_python(self.hp.retention_grader) else None
+        return RetentionProbe.build(self.ctx.read_jsonl(key), self.hp.retention_grader, self.tokenizer,
+                                    self.hp.retention_max_new_tokens, sandbox)
+
+    def _answers(self, base: bool) -> list[str]:
+        """Greedy probe answers of the policy, or of the base (LoRA: adapters disabled)."""
+        assert self.retention is not None
+        from workers.modeling import eos_token_ids
+
+        lm = causal_lm_of(self.model)
+
+        def answer() -> list[str]:
+            return greedy_answers(self.model, self.tokenizer, self.retention.prompt_ids,  # type: ignore[union-attr]
+                                  max_new_tokens=self.hp.retention_max_new_tokens,
+                                  eos_ids=eos_token_ids(lm, self.tokenizer), device=self.accelerator.device)
+
+        with torch.no_grad(), self.accelerator.autocast():
+            if base and self.is_lora:
+                with self.model.disable_adapter():  # type: ignore[operator]
+                    return answer()
+            return answer()
 
     def _tokenize(self, rows: list[dict[str, Any]], param: str) -> list[D.TokenizedPair]:
         pairs, truncated = [], 0
@@ -353,6 +384,13 @@ class DPORecipe:
         ctx.reporter.event(f"Fine-tuning started: DPO ({hp.loss_type}, beta={hp.beta}) on {ctx.model}, "
                            f"{len(self.pairs)} pairs, {plan.total_steps} steps",
                            data={"total_steps": plan.total_steps, "pairs": len(self.pairs)})
+        if self.retention is not None and not self.is_lora:  # full: before step 1 the policy is the base
+            if ctx.resume_from is None:
+                self.retention.record_base(self._answers(base=True))
+            else:
+                self.retention = None
+                ctx.reporter.event("The retention probe is off for this resumed full fine-tune: its base "
+                                   "answers are no longer at hand", level="warn")
         if hp.precompute_ref_log_probs:
             self.stored_ref = self.precompute_reference()
             if self.stored_ref is None and ctx.reporter.stop_reason() == "cancel":
@@ -376,12 +414,17 @@ class DPORecipe:
                 batch = self._collate([self.eval_pairs[i] for i in indices])
                 _, stats = self._loss(batch, self._stored("validation", indices))
                 tally.add(stats, len(indices) / total)
-        self.policy.train()
         result = tally.values(prefix="eval/")
+        if self.retention is not None:
+            if self.retention.base_right is None:
+                self.retention.record_base(self._answers(base=True))
+            result |= self.retention.metrics(self._answers(base=False))
+        self.policy.train()
         self.last_eval = result
         self.ctx.reporter.metrics_only(step, result)
+        retained = f", retention={result['eval/retention']:.3f}" if "eval/retention" in result else ""
         self.ctx.reporter.event(f"Eval at step {step}: loss={result['eval/loss']:.4f}, "
-                                f"accuracy={result['eval/rewards/accuracies']:.3f}", type="metrics",
+                                f"accuracy={result['eval/rewards/accuracies']:.3f}{retained}", type="metrics",
                                 data={"step": step, **result})
         return result
 
