@@ -10,7 +10,6 @@ can write down: sigmoid ln 2, IPO ``(0 - 1/(2 beta))**2``, hinge ``relu(1 - 0) =
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 
-from bench.data import preference_pairs
 from service.jobs.spec import DpoHyperparameters, LoraTraining
 from service.settings import Settings
 from service.storage import LocalStore
@@ -228,31 +226,3 @@ def test_rpo_adds_the_weighted_chosen_nll(live: LiveService, files: dict[str, st
 
 
 # --------------------------------------------------------------------------- a real preference (slow)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_smollm2_learns_to_prefer_concise_answers(live: LiveService) -> None:
-    """Held-out preference accuracy >= 0.9 on unseen questions after a short CPU run.
-
-    64 concise-vs-verbose training pairs, 32 held-out pairs on other questions (``bench/data.py``),
-    LoRA r=8 on q_proj/v_proj, batch 8, one epoch (8 steps) at lr 5e-4, beta 0.1. Measured in process
-    on the 2-core dev machine while other jobs kept its load average near 6: held-out accuracy 1.0
-    already at step 4 (margin 0.71), 1.0 at step 8 (margin 1.09); 8 steps and two evaluations took
-    618 s there (33 s a step: see ``bench/dpo_vs_trl.py``), so the timeout is generous. On an idle
-    machine the steps are several times faster. The duration of this run is printed.
-    """
-    train = live.upload(preference_pairs(64, "train"), "concise_train.jsonl")["id"]
-    val = live.upload(preference_pairs(32, "validation"), "concise_val.jsonl")["id"]
-    began = time.monotonic()
-    job = live.run(dpo_job(train, val, model="SmolLM2-135M-Instruct",
-                           training_type={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
-                                          "target_modules": ["q_proj", "v_proj"]},
-                           batch_size=8, n_epochs=1, max_length=128, learning_rate=5e-4, beta=0.1),
-                   timeout=1800)
-    took = time.monotonic() - began
-    print(f"SmolLM2 DPO job took {took:.0f}s")
-    assert job["status"] == "succeeded", job["error"]
-    accuracy = live.metric(job["id"], "eval/rewards/accuracies")
-    assert accuracy and accuracy[-1] >= 0.9, accuracy
-    assert live.metric(job["id"], "loss")[0] == pytest.approx(LN2, abs=1e-5)

@@ -187,3 +187,4 @@ def test_dpo_defaults_learn_the_preference_and_keep_the_facts(live: LiveService)
     print(f"accuracy {accuracy} retention {retention}")
     assert accuracy and accuracy[-1] >= 0.9, accuracy
     assert retention and retention[-1] >= 0.8, retention
+    assert live.metric(job["id"], "loss")[0] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts at the base
