@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from service.jobs.spec import EarlyStopping
 from tests.conftest import Api
 from tests.test_signals import dpo_recipe
 from workers.archives import STATE_FILE
@@ -23,13 +24,15 @@ def test_selection_tracks_the_lowest_loss_patience_and_keeps_three_plus_the_best
         assert sel.observe(step, {"eval/loss": loss}) is (step in (2, 4))
         dropped += [s for s, _ in sel.saved(step, f"k{step}")]
     assert sel.best_step == 4 and sel.best_value == 0.5 and sel.stale == 2 and sel.should_stop()
-    assert dropped == [] and [s for s, _ in sel.kept] == [2, 4, 6, 8]  # 4 is the best, 6 and 8 recent... 2 too
+    assert dropped == [2] and [s for s, _ in sel.kept] == [4, 6, 8]  # the last three (4 is also the best)
     sel.observe(10, {"eval/loss": 0.8})
-    assert [s for s, _ in sel.saved(10, "k10")] == [2]
+    assert sel.saved(10, "k10") == []  # 4 is out of the last three but the best: kept
     assert [s for s, _ in sel.kept] == [4, 6, 8, 10]
+    sel.observe(12, {"eval/loss": 0.4})
+    assert [s for s, _ in sel.saved(12, "k12")] == [4, 6]  # a new best: the old one goes
     again = Selection("eval/loss", False, 2)
     again.load_state_dict(sel.state_dict())
-    assert (again.best_step, again.stale, again.kept) == (4, 3, sel.kept)
+    assert (again.best_step, again.best_value, again.stale, again.kept) == (12, 0.4, 0, sel.kept)
     assert not Selection("eval/loss", False).observe(1, {"eval/loss": float("nan")})
 
 
@@ -63,15 +66,16 @@ def test_best_selection_takes_the_lowest_eval_loss_checkpoint(tmp_path: Path) ->
     # retention: the last three checkpoints plus the best, the others' files gone
     steps = [s for s, _, _ in reporter.checkpoints]
     assert steps == sorted({6, 7, 8, best})
-    assert not store.exists(recipe.ctx.store and f"jobs/{recipe.ctx.job_id}/attempt_1/step_2/adapter.tar.gz") \
-        or best == 2
+    prefix = reporter.checkpoints[0][2].rsplit("/step_", 1)[0]
+    for step in range(1, 9):
+        assert store.exists(f"{prefix}/step_{step}/adapter.tar.gz") is (step in steps), step
     assert all("eval/loss" in metrics for _, metrics, _ in reporter.checkpoints)
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path: Path) -> None:
     reporter = MemoryReporter()
     recipe = dpo_recipe(tmp_path, reporter, learning_rate=2e-1, eval_every_steps=1,
-                        early_stopping={"metric": "eval/loss", "patience": 1})
+                        early_stopping=EarlyStopping(metric="eval/loss", patience=1))
     result = recipe.train()
     assert result.status == "succeeded"
     losses = eval_losses(reporter)
@@ -83,7 +87,8 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
             break
         best = min(best, losses[step])
     assert expected is not None and expected < 8, losses  # the crafted run does stop early
-    assert result.tokens > 0 and reporter.done == expected and max(losses) == expected
+    assert reporter.done == expected and max(losses) == expected and reporter.steps[-1][0] == expected
+    assert result.summary["steps"] == expected and reporter.checkpoints[-1][0] == expected
     assert any(m.startswith(f"Early stopping at step {expected}: eval/loss has not improved for 1")
                for m in reporter.messages())
 
@@ -94,6 +99,16 @@ def body(file_id: str, method: str = "dpo", validation: str | None = None, **hyp
     if validation:
         out["validation_file"] = validation
     return out
+
+
+def test_methods_without_an_evaluation_refuse_selection(api: Api, upload) -> None:  # type: ignore[no-untyped-def]
+    headers = api.key("acme")
+    f = upload(headers)
+    r = api.client.post("/v1/fine_tuning/jobs", headers=headers,
+                        json=body(f["id"], method="ppo", validation=f["id"], checkpoint_selection="best"))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "method.ppo.hyperparameters.checkpoint_selection"
+    assert "ppo" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("hyper", "with_validation", "param"), [
