@@ -60,7 +60,7 @@ from transformers import get_scheduler
 
 from service.jobs.spec import CommonHyperparameters
 from workers import fsdp
-from workers.archives import STATE_FILE, fetch_adapter, final_adapter_key, store_dir_archive
+from workers.archives import STATE_FILE, checkpoint_key, fetch_adapter, final_adapter_key, store_dir_archive
 from workers.checkpoints import (
     Weights,
     capture_state,
@@ -343,6 +343,8 @@ def run_training(
 
     def checkpoint(at: int, evaluated: object = None) -> None:
         nonlocal checkpointed_at
+        # registered before the state is captured, so a job resumed from this checkpoint knows of it
+        retired = selection.saved(at, checkpoint_key(ctx.job_id, at, attempt=ctx.attempt))
         state = capture_state(step=at, tokens=tokens, metrics=last,
                               optimizer=None if is_sharded(weights) else optim.optimizer,  # sharded: in the shards
                               scheduler=optim.scheduler, scaler=optim.scaler,
@@ -351,9 +353,9 @@ def run_training(
         metrics = {k: v for k, v in last.items() if k in checkpoint_metrics}
         if isinstance(evaluated, dict):  # the evaluation of this step, for the checkpoints list
             metrics |= {k: float(v) for k, v in evaluated.items() if k.startswith("eval/") and math.isfinite(v)}
-        key = write_checkpoint(ctx, weights, at, metrics, state)
+        write_checkpoint(ctx, weights, at, metrics, state)
         checkpointed_at = at
-        for _, old in selection.saved(at, key):  # retention: the row first, then the files
+        for _, old in retired:  # retention, once the new one is written: the row first, then the files
             reporter.drop_checkpoint(old)
             if reporter.is_main:
                 ctx.store.delete_prefix(old.rsplit("/", 1)[0] + "/")
