@@ -16,6 +16,9 @@ Recipe names (TRL's) → Prometheus (labels ``job_id``, ``method``):
 - ``jobs.step`` → ``alignd_job_step``; ``loss`` → ``alignd_job_loss``
 - DPO ``rewards/chosen|rejected|margins`` → ``alignd_job_reward{kind="chosen|rejected|margin"}``,
   ``rewards/accuracies`` → ``alignd_job_reward_accuracy``, and ``alignd_job_kl`` derived (below)
+- DPO over-optimization signals (``workers.signals``): ``signals/displacement`` →
+  ``alignd_job_likelihood_displacement``, ``logps/chosen_drift|rejected_drift`` →
+  ``alignd_job_logps_drift{side="chosen|rejected"}``, ``signals/margin_growth`` → ``alignd_job_margin_growth``
 - reward model ``margin`` → ``alignd_job_reward{kind="margin"}``,
   ``accuracy`` → ``alignd_job_reward_accuracy``
 - PPO ``objective/kl`` → ``alignd_job_kl``, ``objective/scores`` → ``alignd_job_reward{kind="score"}``
@@ -131,6 +134,11 @@ _METHOD_SERIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "rewards/rejected": ("alignd_job_reward", ("rejected",)),
         "rewards/margins": ("alignd_job_reward", ("margin",)),
         "rewards/accuracies": ("alignd_job_reward_accuracy", ()),
+        # over-optimization signals (workers.signals, docs/overoptimization.md)
+        "signals/displacement": ("alignd_job_likelihood_displacement", ()),
+        "logps/chosen_drift": ("alignd_job_logps_drift", ("chosen",)),
+        "logps/rejected_drift": ("alignd_job_logps_drift", ("rejected",)),
+        "signals/margin_growth": ("alignd_job_margin_growth", ()),
     },
     "reward_model": {
         "margin": ("alignd_job_reward", ("margin",)),
@@ -168,6 +176,12 @@ JOB_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "alignd_job_reward_zero_std_ratio": ("Share of the latest step's groups whose samples all got the same "
                                          "reward: no learning signal (reinforcement)", ()),
     "alignd_job_reward_accuracy": ("Share of pairs whose chosen reward beats the rejected one", ()),
+    "alignd_job_likelihood_displacement": ("Share of the latest step's pairs whose chosen completion became "
+                                           "less likely than under the reference (DPO)", ()),
+    "alignd_job_logps_drift": ("Mean per-token log-prob change, policy minus reference, of the chosen or "
+                               "rejected completions at the latest step (DPO)", ("side",)),
+    "alignd_job_margin_growth": ("Least-squares slope per step of the reward margin over the last 5 steps "
+                                 "(DPO)", ()),
     "alignd_job_tokens_per_second": ("Tokens processed per second in the latest step", ()),
     "alignd_job_gpu_memory_bytes": ("Peak CUDA memory allocated by the job, per device", ("device",)),
     "alignd_job_host_memory_bytes": ("Peak resident memory (RSS) of the job's processes", ()),

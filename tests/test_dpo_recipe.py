@@ -116,14 +116,18 @@ def test_step_metrics_are_dpo_metrics_converted_once() -> None:
     for size, weight in ((4, 0.5), (3, 0.3), (2, 0.2)):  # unequal micro-batches
         chosen, rejected = torch.randn(size, generator=generator), torch.randn(size, generator=generator)
         lc, lr = torch.randn(size, generator=generator) - 20, torch.randn(size, generator=generator) - 30
+        counts = torch.full((size,), 10)
+        # chosen 0.5 nats (0.05 per token) below the reference: every pair displaced; rejected unchanged
         tally.add({"chosen_rewards": chosen, "rejected_rewards": rejected, "logps_chosen": lc,
-                   "logps_rejected": lr, "loss": torch.tensor(float(size))}, weight)
+                   "logps_rejected": lr, "ref_chosen": lc + 0.5, "ref_rejected": lr, "counts_chosen": counts,
+                   "counts_rejected": counts, "loss": torch.tensor(float(size))}, weight)
         chosen_all.append(chosen), rejected_all.append(rejected), lc_all.append(lc), lr_all.append(lr)
     values = tally.values()
     cat = torch.cat
     expected = dpo_metrics(DPOLossOutput(torch.zeros(9), cat(chosen_all), cat(rejected_all)), cat(lc_all),
                            cat(lr_all))
-    assert values == pytest.approx({**expected, "loss": 4 * 0.5 + 3 * 0.3 + 2 * 0.2}, abs=1e-6)
+    assert values == pytest.approx({**expected, "loss": 4 * 0.5 + 3 * 0.3 + 2 * 0.2, "signals/displacement": 1.0,
+                                    "logps/chosen_drift": -0.05, "logps/rejected_drift": 0.0}, abs=1e-6)
 
 
 def test_precomputed_reference_is_stored_by_pair_and_reused(tmp_path: Path) -> None:

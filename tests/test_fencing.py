@@ -99,6 +99,8 @@ def test_a_frozen_worker_is_fenced_out_when_it_wakes(production, tmp_path: Path)
     for step, key in checkpoints:  # each row points at the attempt that was the owner when it was written
         owner = first_attempt if step <= resumed[0] else second_attempt
         assert key == f"jobs/{job_id}/attempt_{owner}/step_{step}/adapter.tar.gz", (step, key)
-    assert [step for step, _ in checkpoints] == list(range(4, STEPS + 1, 4))
+    # only the last three are kept (workers.selection: retention), the older rows and files deleted
+    assert [step for step, _ in checkpoints] == list(range(4, STEPS + 1, 4))[-3:]
+    assert not api.state.store.exists(f"jobs/{job_id}/attempt_{first_attempt}/step_4/adapter.tar.gz")
     text = log1.read_text(errors="replace")
     assert f"job {job_id}: this worker lost the job (attempt {first_attempt} was superseded)" in text

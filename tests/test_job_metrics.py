@@ -27,6 +27,9 @@ PER_JOB = (
     "alignd_job_tokens_per_second",
     "alignd_job_gpu_memory_bytes",
     "alignd_job_host_memory_bytes",
+    "alignd_job_likelihood_displacement",
+    "alignd_job_logps_drift",
+    "alignd_job_margin_growth",
 )
 
 
@@ -132,6 +135,10 @@ def test_job_series_carry_job_id_and_method_while_it_runs(scrapes: Scrapes) -> N
     } <= names
     kinds = {dict(labels)["kind"] for name, labels in series if name == "alignd_job_reward"}
     assert kinds == {"chosen", "rejected", "margin"}
+    sides = {dict(labels)["side"] for name, labels in series if name == "alignd_job_logps_drift"}
+    assert sides == {"chosen", "rejected"}
+    assert 0.0 <= series[("alignd_job_likelihood_displacement", ())] <= 1.0
+    assert ("alignd_job_margin_growth", ()) in series  # step >= 3: a slope over at least two margins
     methods = {
         labels["method"]
         for _, labels, _ in samples(scrapes.api_during)

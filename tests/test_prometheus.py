@@ -43,7 +43,8 @@ RULES = MONITORING / "prometheusrule.yaml"
 RULE_TESTS = MONITORING / "tests"
 PER_JOB = ("alignd_job_step", "alignd_job_loss", "alignd_job_kl", "alignd_job_reward", "alignd_job_reward_accuracy",
            "alignd_job_tokens_per_second", "alignd_job_gpu_memory_bytes", "alignd_job_host_memory_bytes",
-           "alignd_job_completions_clipped_ratio", "alignd_job_reward_zero_std_ratio")
+           "alignd_job_completions_clipped_ratio", "alignd_job_reward_zero_std_ratio",
+           "alignd_job_likelihood_displacement", "alignd_job_logps_drift", "alignd_job_margin_growth")
 CUDA_ONLY = {"alignd_job_gpu_memory_bytes"}  # peak CUDA memory: no sample on a CPU worker
 #: series only a reinforcement job has: their panels are shown with ``$job_id`` = the reinforcement job
 RFT_ONLY = {"alignd_job_completions_clipped_ratio", "alignd_job_reward_zero_std_ratio"}

@@ -66,6 +66,9 @@ class MemoryReporter:
     def checkpoint(self, step: int, metrics: dict[str, float], storage_key: str) -> None:
         self.checkpoints.append((step, dict(metrics), storage_key))
 
+    def drop_checkpoint(self, storage_key: str) -> None:
+        self.checkpoints = [c for c in self.checkpoints if c[2] != storage_key]
+
     def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
         return self.stop_at.get(self.done)
 

@@ -42,11 +42,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -58,7 +60,7 @@ from transformers import get_scheduler
 
 from service.jobs.spec import CommonHyperparameters
 from workers import fsdp
-from workers.archives import final_adapter_key
+from workers.archives import STATE_FILE, checkpoint_key, fetch_adapter, final_adapter_key, store_dir_archive
 from workers.checkpoints import (
     Weights,
     capture_state,
@@ -69,6 +71,7 @@ from workers.checkpoints import (
 from workers.checkpoints import save_checkpoint as write_checkpoint
 from workers.context import JobContext, JobFailure
 from workers.precision import Precision, grad_scaler
+from workers.selection import Selection
 
 #: One micro-batch: ``indices`` -> (loss with gradients, metrics, tokens processed).
 MicroBatchFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float], int]]
@@ -334,13 +337,35 @@ def run_training(
     per_step = batches_per_step or hp.gradient_accumulation_steps
     step, tokens = 0, 0
     last: dict[str, float] = {}
+    selection = Selection.of(hp)  # best checkpoint, early stopping, retention (workers.selection)
+    follow_eval = evaluate is not None and (hp.checkpoint_selection == "best" or hp.early_stopping is not None)
+    checkpointed_at: int | None = None
 
-    def checkpoint(at: int) -> None:
+    def checkpoint(at: int, evaluated: object = None) -> None:
+        nonlocal checkpointed_at
+        # registered before the state is captured, so a job resumed from this checkpoint knows of it
+        retired = selection.saved(at, checkpoint_key(ctx.job_id, at, attempt=ctx.attempt))
         state = capture_state(step=at, tokens=tokens, metrics=last,
                               optimizer=None if is_sharded(weights) else optim.optimizer,  # sharded: in the shards
                               scheduler=optim.scheduler, scaler=optim.scaler,
                               extra=extra_state.state_dict() if extra_state is not None else None)
-        write_checkpoint(ctx, weights, at, {k: v for k, v in last.items() if k in checkpoint_metrics}, state)
+        state["selection"] = selection.state_dict()
+        metrics = {k: v for k, v in last.items() if k in checkpoint_metrics}
+        if isinstance(evaluated, dict):  # the evaluation of this step, for the checkpoints list
+            metrics |= {k: float(v) for k, v in evaluated.items() if k.startswith("eval/") and math.isfinite(v)}
+        write_checkpoint(ctx, weights, at, metrics, state)
+        checkpointed_at = at
+        for _, old in retired:  # retention, once the new one is written: the row first, then the files
+            reporter.drop_checkpoint(old)
+            if reporter.is_main:
+                ctx.store.delete_prefix(old.rsplit("/", 1)[0] + "/")
+
+    def evaluate_and_follow(at: int) -> None:
+        assert evaluate is not None
+        result = evaluate(at)
+        selection.observe(at, result)
+        if follow_eval:  # a checkpoint at every evaluation, so the best one can be taken
+            checkpoint(at, result)
 
     def stop(reason: str | None) -> LoopResult | None:
         if reason in ("pause", "preempt"):  # preempt: the worker is shutting down; the runner re-queues
@@ -358,13 +383,15 @@ def run_training(
         if extra_state is not None:
             extra_state.load_state_dict(state.get("extra") or {})
         step, tokens, last = int(state["step"]), int(state["tokens"]), dict(state["metrics"])
+        selection.load_state_dict(state.get("selection") or {})
         reporter.resumed(step)
     reporter.progress(step=step, total_steps=total_steps)
     done = 0  # steps planned so far, trained now or before the resume
+    stopped_early = False
     model.train()
     for epoch, batches in enumerate(batches_by_epoch):
         for start in range(0, len(batches), per_step):
-            if done >= total_steps:
+            if done >= total_steps or stopped_early:
                 break
             done += 1
             if done <= step:
@@ -391,11 +418,42 @@ def run_training(
             last = metrics
             if evaluate is not None and hp.eval_every_steps and step % hp.eval_every_steps == 0 \
                     and step < total_steps:
-                evaluate(step)
-            if hp.checkpoint_every_steps and step % hp.checkpoint_every_steps == 0 and step < total_steps:
+                evaluate_and_follow(step)
+                if selection.should_stop():
+                    stopped_early = True
+                    reporter.event(f"Early stopping at step {step}: {selection.metric} has not improved for "
+                                   f"{selection.stale} evaluations (best {selection.best_value:.4f} at step "
+                                   f"{selection.best_step})", data={"step": step, "metric": selection.metric,
+                                                                    "best_step": selection.best_step})
+                    break
+            if hp.checkpoint_every_steps and step % hp.checkpoint_every_steps == 0 and step < total_steps \
+                    and checkpointed_at != step:
                 checkpoint(step)
-    if evaluate is not None:
-        evaluate(step)
-    checkpoint(step)
-    key = save_archive(ctx, result_weights or weights, final_adapter_key(ctx.job_id, attempt=ctx.attempt))
+    if evaluate is not None and not stopped_early:
+        evaluate_and_follow(step)
+    if checkpointed_at != step:
+        checkpoint(step)
+    final = final_adapter_key(ctx.job_id, attempt=ctx.attempt)
+    if hp.checkpoint_selection == "best" and evaluate is not None:
+        key = select_best(ctx, selection, result_weights or weights, final)
+    else:
+        key = save_archive(ctx, result_weights or weights, final)
     return LoopResult("succeeded", step, tokens, last, adapter_key=key)
+
+
+def select_best(ctx: JobContext, selection: Selection, weights: Weights, final: str) -> str:
+    """The result archive from the best evaluation's checkpoint: its files without the training state."""
+    best = selection.key_of(selection.best_step) if selection.best_step is not None else None
+    if best is None or is_sharded(weights):
+        why = "no evaluation gave a finite value" if best is None else "sharded checkpoints are not selectable"
+        ctx.reporter.event(f"Checkpoint selection kept the last step: {why}", level="warn")
+        return save_archive(ctx, weights, final)
+    if ctx.reporter.is_main:
+        with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+            directory = fetch_adapter(ctx.store, best, Path(tmp) / "model")
+            (directory / STATE_FILE).unlink(missing_ok=True)
+            store_dir_archive(ctx.store, directory, final)
+    ctx.reporter.event(f"Selected checkpoint step {selection.best_step} by {selection.metric}="
+                       f"{selection.best_value:.4f}", data={"step": selection.best_step, "metric": selection.metric,
+                                                            "value": selection.best_value, "checkpoint": best})
+    return final

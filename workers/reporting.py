@@ -117,6 +117,13 @@ class Reporter:
             repo.add_checkpoint(step, metrics, storage_key)
             repo.add_event(f"Checkpoint saved at step {step}", data={"step": step})
 
+    def drop_checkpoint(self, storage_key: str) -> None:
+        """Delete a retired checkpoint's row (the loop then deletes its files: never a row without them)."""
+        if not self.is_main:
+            return
+        with session_scope(self.sessions) as s:
+            self._repo(s).delete_checkpoint(storage_key)
+
     def stop_reason(self, *, min_interval: float = 0.5) -> str | None:
         """``"cancel"``, ``"pause"``, ``"preempt"`` or None. A job that left ``running`` otherwise counts
         as cancelled. Raises :class:`JobLost` once another attempt owns the job.

@@ -121,7 +121,8 @@ class JobsController(Controller):
                 "id": c.id, "object": "fine_tuning.job.checkpoint", "created_at": int(c.created_at),
                 "fine_tuned_model_checkpoint": f"{job.fine_tuned_model or 'ft:' + job.model + ':' + job.id}"
                                                f":ckpt-step-{c.step_number}",
-                "fine_tuning_job_id": job.id, "step_number": c.step_number, "metrics": c.metrics or {},
+                "fine_tuning_job_id": job.id, "step_number": c.step_number,
+                "metrics": checkpoint_metrics(c.step_number, c.metrics or {}),
             } for c in rows]
             return {"object": "list", "data": data, "has_more": has_more}
 
@@ -156,3 +157,17 @@ class JobsController(Controller):
                                code="adapter_not_ready")
             key = job.adapter_key
         return _stream(state, key, f"{job_id}-adapter.tar.gz")
+
+
+#: OpenAI's checkpoint metric names (``fine_tuning.job.checkpoint.metrics``) → the recipes' names
+OPENAI_CHECKPOINT_METRICS = {"train_loss": "loss", "train_mean_token_accuracy": "mean_token_accuracy",
+                             "valid_loss": "eval/loss", "valid_mean_token_accuracy": "eval/mean_token_accuracy",
+                             "full_valid_loss": "eval/loss",
+                             "full_valid_mean_token_accuracy": "eval/mean_token_accuracy"}
+
+
+def checkpoint_metrics(step: int, stored: dict[str, float]) -> dict[str, float]:
+    """A checkpoint's metrics under OpenAI's names where it has one (``valid_*`` = ``full_valid_*``:
+    alignd evaluates the whole validation file), then the recipe's own names."""
+    named = {name: stored[ours] for name, ours in OPENAI_CHECKPOINT_METRICS.items() if ours in stored}
+    return {"step": float(step), **named, **stored}

@@ -262,6 +262,11 @@ class JobRunRepository:
         self.session.add(row)
         return row
 
+    def delete_checkpoint(self, storage_key: str) -> None:
+        self._fence()
+        self.session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id,
+                                                      Checkpoint.storage_key == storage_key))
+
     def progress(self, *, step: int, total_steps: int | None = None, trained_tokens: int | None = None,
                  estimated_finish: float | None = None) -> None:
         self._fence()

@@ -16,7 +16,15 @@ from service.jobs.chaining import validate_generate_preferences, validate_ppo
 from service.jobs.planning import JobPlan, apply_plan, plan_job, plan_message
 from service.jobs.reinforcement import validate_reinforcement
 from service.jobs.retention import validate_retention
-from service.jobs.spec import IMPLEMENTED_METHODS, JobCreate, Method, ReinforcementHyperparameters, to_builtins
+from service.jobs.spec import (
+    IMPLEMENTED_METHODS,
+    SELECTION_METRICS,
+    CommonHyperparameters,
+    JobCreate,
+    Method,
+    ReinforcementHyperparameters,
+    to_builtins,
+)
 from service.limits import check_job_limits
 from service.model_registry import is_base_model
 from service.settings import Settings
@@ -107,6 +115,7 @@ def check_job(repo: OrgRepository, settings: Settings, spec: JobCreate, store: O
     if getattr(hp, "label_smoothing", 0.0) and getattr(hp, "loss_type", "robust") != "robust":
         raise APIError(400, "label_smoothing applies only to loss_type 'robust'", code="invalid_request",
                        param=f"method.{method_type}.hyperparameters.label_smoothing")
+    validate_selection(spec, method_type, hp)
     validate_model(repo, settings, spec.model)
     if method_type == "ppo":
         validate_ppo(repo, settings, spec)
@@ -192,3 +201,34 @@ def present_job(job: Job) -> dict[str, Any]:
 def present_event(e: JobEvent) -> dict[str, Any]:
     return {"id": f"ftevent-{e.seq}", "object": "fine_tuning.job.event", "created_at": int(e.created_at),
             "level": e.level, "message": e.message, "type": e.type, "data": e.data}
+
+
+#: methods whose recipes evaluate a validation file with ``eval/loss``
+EVALUATED_METHODS = ("supervised", "dpo", "reward_model")
+
+
+def validate_selection(spec: JobCreate, method_type: str, hp: CommonHyperparameters) -> None:
+    """``checkpoint_selection: best`` and ``early_stopping`` follow an evaluation metric: they need a
+    method that evaluates and a ``validation_file``; the metric must be one selection knows."""
+    prefix = f"method.{method_type}.hyperparameters"
+    fields = [name for name, on in (("checkpoint_selection", hp.checkpoint_selection == "best"),
+                                    ("early_stopping", hp.early_stopping is not None)) if on]
+    for name in fields:
+        if method_type not in EVALUATED_METHODS:
+            raise APIError(400, f"{name} needs an evaluation, which method '{method_type}' does not run",
+                           code="invalid_request", param=f"{prefix}.{name}")
+        if not spec.validation_file:
+            raise APIError(400, f"{name} needs a validation_file to evaluate on", code="invalid_request",
+                           param=f"{prefix}.{name}")
+    stopping = hp.early_stopping
+    if stopping is not None:
+        if stopping.metric not in SELECTION_METRICS:
+            raise APIError(400, f"early_stopping.metric '{stopping.metric}' is not one of "
+                                f"{', '.join(SELECTION_METRICS)}", code="invalid_request",
+                           param=f"{prefix}.early_stopping.metric")
+        if stopping.metric == "eval/retention" and not getattr(hp, "retention_file", None):
+            raise APIError(400, "early_stopping.metric 'eval/retention' needs a retention_file",
+                           code="invalid_request", param=f"{prefix}.early_stopping.metric")
+        if stopping.patience < 1:
+            raise APIError(400, "early_stopping.patience must be at least 1", code="invalid_request",
+                           param=f"{prefix}.early_stopping.patience")

@@ -18,6 +18,17 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
+class EarlyStopping(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Stop a job whose ``metric`` has not improved for ``patience`` evaluations (it then succeeds)."""
+
+    metric: str = "eval/loss"
+    patience: int = 3
+
+
+#: the evaluation metrics ``checkpoint_selection: best`` and ``early_stopping`` may follow
+SELECTION_METRICS: tuple[str, ...] = ("eval/loss", "eval/retention")
+
+
 class CommonHyperparameters(Struct, forbid_unknown_fields=True, kw_only=True):
     n_epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
     batch_size: Annotated[int, Meta(ge=1, le=4096)] = 8
@@ -32,6 +43,9 @@ class CommonHyperparameters(Struct, forbid_unknown_fields=True, kw_only=True):
     max_grad_norm: Annotated[float, Meta(gt=0.0)] = 1.0
     gradient_checkpointing: bool = False
     eval_every_steps: PositiveInt | None = None
+    #: "best": the result is the checkpoint with the best evaluation metric (a checkpoint at every eval)
+    checkpoint_selection: Literal["last", "best"] = "last"
+    early_stopping: EarlyStopping | None = None
 
 
 class SupervisedHyperparameters(CommonHyperparameters, kw_only=True):

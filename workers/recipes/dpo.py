@@ -65,7 +65,11 @@ from workers.modeling import apply_training_type, causal_lm_of, enable_activatio
 from workers.pairs import LAYOUT_TOLERANCE, PairBatch, PairLogps, collate_plain, collate_shared
 from workers.recipes.common import prepare_frozen, prepare_training, release, result_weights, start
 from workers.retention import RetentionProbe, greedy_answers
+from workers.signals import OverOptimization, pair_signals
 
+#: the tensors ``workers.signals.pair_signals`` takes, in its order
+_SIGNAL_PARTS = ("logps_chosen", "logps_rejected", "ref_chosen", "ref_rejected", "counts_chosen", "counts_rejected")
+SIGNAL_METRICS = ("signals/displacement", "logps/chosen_drift", "logps/rejected_drift")
 CHECKPOINT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
 
 
@@ -84,7 +88,7 @@ class _Tally:
         self.weighted: dict[str, Tensor] = {}
 
     def add(self, stats: dict[str, Tensor], weight: float) -> None:
-        for name in ("chosen_rewards", "rejected_rewards", "logps_chosen", "logps_rejected"):
+        for name in ("chosen_rewards", "rejected_rewards", *_SIGNAL_PARTS):
             self.parts.setdefault(name, []).append(stats[name])
         for name in ("loss", "nll_loss"):
             if name in stats:
@@ -95,7 +99,7 @@ class _Tally:
         converted to floats in one transfer. NaN when nothing was added (a rank with no evaluation slice)."""
         if not self.parts:
             names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                     "logps/chosen", "logps/rejected", "rewards/chosen_below_zero")
+                     "logps/chosen", "logps/rejected", "rewards/chosen_below_zero", *SIGNAL_METRICS)
             return {prefix + name: math.nan for name in names}
         chosen, rejected = (torch.cat(self.parts[k]).float() for k in ("chosen_rewards", "rejected_rewards"))
         named = {
@@ -107,6 +111,7 @@ class _Tally:
             "logps/chosen": torch.cat(self.parts["logps_chosen"]).float().mean(),
             "logps/rejected": torch.cat(self.parts["logps_rejected"]).float().mean(),
             "rewards/chosen_below_zero": (chosen < 0).float().mean(),
+            **pair_signals(*(torch.cat(self.parts[k]) for k in _SIGNAL_PARTS)),
         }
         floats = torch.stack([v.float() for v in named.values()]).tolist()
         return {prefix + k: v for k, v in zip(named, floats, strict=True)}
@@ -126,6 +131,7 @@ class DPORecipe:
         self.is_lora = isinstance(ctx.training_type, LoraTraining)
         self.last_eval: dict[str, float] = {}
         self.stored_ref: dict[str, Tensor] | None = None
+        self.signals = OverOptimization(lambda message, data: ctx.reporter.event(message, level="warn", data=data))
 
     # setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -269,7 +275,9 @@ class DPORecipe:
                        chosen_token_counts=counts[:half], rejected_token_counts=counts[half:])
         loss = out.losses.mean()
         stats = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-                 "logps_chosen": logps[:half].detach(), "logps_rejected": logps[half:].detach()}
+                 "logps_chosen": logps[:half].detach(), "logps_rejected": logps[half:].detach(),
+                 "ref_chosen": ref[:half], "ref_rejected": ref[half:],
+                 "counts_chosen": counts[:half], "counts_rejected": counts[half:]}
         if hp.sft_weight > 0:
             nll = rpo_nll_loss(logps[:half], counts[:half])
             loss = loss + hp.sft_weight * nll
@@ -296,7 +304,7 @@ class DPORecipe:
                 backward(self.accelerator, loss * weight)
             tally.add(stats, weight)
             tokens += batch.tokens
-        return tally.values(), tokens
+        return self.signals.after_step(tally.values()), tokens
 
     # reference log-probs, once -------------------------------------------------------------------
     def _fingerprint(self) -> str:
@@ -401,7 +409,7 @@ class DPORecipe:
                               weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
                               step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
-                              evaluate=self.evaluate if self.eval_pairs else None)
+                              evaluate=self.evaluate if self.eval_pairs else None, extra_state=self.signals)
         return TrainResult(result.status, result.tokens, result.metrics, adapter_key=result.adapter_key,
                            summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
@@ -420,6 +428,7 @@ class DPORecipe:
                 self.retention.record_base(self._answers(base=True))
             result |= self.retention.metrics(self._answers(base=False))
         self.policy.train()
+        result |= self.signals.after_eval(step, result["eval/rewards/accuracies"])
         self.last_eval = result
         self.ctx.reporter.metrics_only(step, result)
         retained = f", retention={result['eval/retention']:.3f}" if "eval/retention" in result else ""
