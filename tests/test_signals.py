@@ -136,3 +136,32 @@ def test_a_fast_dpo_run_warns_once_and_a_gentle_one_does_not(tmp_path: Path) -> 
     assert dpo_recipe(tmp_path / "gentle", gentle, learning_rate=1e-5).train().status == "succeeded"
     assert over_optimization(gentle) == []
     assert all(abs(values["logps/chosen_drift"]) < 0.01 for _, values in gentle.steps)
+
+
+def test_a_reward_model_gets_margin_growth_and_the_accuracy_gap(tmp_path: Path) -> None:
+    """The reward model has no reference, so no displacement or drift; its margin (score units) and
+    train/eval accuracy are watched the same way (lr 5e-2: the margin runs away)."""
+    from service.jobs.spec import RewardModelHyperparameters
+    from workers.recipes.reward_model import RewardModelRecipe
+
+    reporter = MemoryReporter()
+    hp = RewardModelHyperparameters(batch_size=4, max_steps=6, n_epochs=6, eval_every_steps=6, learning_rate=5e-2)
+    ctx = local_context(tmp_path, model="tiny-random-llama", method=method_of("reward_model", hp),
+                        job_id="ftjob-rm-signals", training_type=LoraTraining(r=4, alpha=8,
+                                                                             target_modules=["q_proj", "v_proj"]),
+                        seed=3, training_rows=PREFERENCE_ROWS, validation_rows=PREFERENCE_ROWS[:5], reporter=reporter,
+                        settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE),
+                        store=LocalStore(tmp_path / "objects"))
+    recipe = RewardModelRecipe(ctx)
+    recipe.setup()
+    assert recipe.train().status == "succeeded"
+    steps = dict(reporter.steps)
+    margins = [steps[s]["margin"] for s in range(1, 7)]
+    assert "signals/displacement" not in steps[6]
+    assert steps[6]["signals/margin_growth"] == pytest.approx(slope(margins[1:]), rel=1e-5)  # the last 5
+    evals = [values for _, values in reporter.metrics if "eval/accuracy" in values]
+    train_mean = sum(steps[s]["accuracy"] for s in range(2, 7)) / 5
+    assert evals[-1]["signals/accuracy_gap"] == pytest.approx(train_mean - evals[-1]["eval/accuracy"], abs=1e-6)
+    warned = over_optimization(reporter)
+    assert len(warned) == len({w.split("=")[0] for w in warned})  # once per signal
+    assert (slope(margins[1:]) > 0.5) == any("margin_growth" in w for w in warned)

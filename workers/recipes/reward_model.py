@@ -48,6 +48,7 @@ from workers.losses import bradley_terry_loss, reward_metrics
 from workers.modeling import apply_training_type, enable_activation_checkpointing, load_classifier_base
 from workers.recipes.common import prepare_training, release, report_layout, result_weights, start, stopping
 from workers.reward_scoring import SequenceScores
+from workers.signals import OverOptimization
 
 CHECKPOINT_METRICS = ("loss", "accuracy", "margin", "learning_rate")
 
@@ -79,6 +80,10 @@ class RewardModelRecipe:
         self.hp = ctx.hyperparameters_as(RewardModelHyperparameters)
         self.is_lora = isinstance(ctx.training_type, LoraTraining)
         self.last_eval: dict[str, float] = {}
+        #: margin growth and the train/eval accuracy gap apply to a reward model too (no reference, so
+        #: no displacement or drift): ``workers.signals``, docs/overoptimization.md
+        self.signals = OverOptimization(lambda message, data: ctx.reporter.event(message, level="warn", data=data),
+                                        margin="margin", accuracy="accuracy")
 
     # setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -149,7 +154,8 @@ class RewardModelRecipe:
         return loss, metrics, tokens
 
     def _step(self, group: list[list[int]]) -> tuple[dict[str, float], int]:
-        return accumulate(self.accelerator, self.scorer, group, self._micro, example_weights(group))
+        metrics, tokens = accumulate(self.accelerator, self.scorer, group, self._micro, example_weights(group))
+        return self.signals.after_step(metrics), tokens
 
     # train ---------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -165,7 +171,7 @@ class RewardModelRecipe:
                               weights=self.weights,
                               batches_by_epoch=self.batches_by_epoch, total_steps=plan.total_steps,
                               step_fn=gradient_step(self.optim, self._step), checkpoint_metrics=CHECKPOINT_METRICS,
-                              evaluate=self.evaluate if self.eval_pairs else None)
+                              evaluate=self.evaluate if self.eval_pairs else None, extra_state=self.signals)
         return TrainResult(result.status, result.tokens, result.metrics, adapter_key=result.adapter_key,
                            summary={"steps": result.step, "trained_tokens": result.tokens, **self.last_eval})
 
@@ -190,6 +196,7 @@ class RewardModelRecipe:
         batch = {"margin": torch.tensor(margins)} if has_margins else {}
         _, metrics = pair_loss(scores, batch, self.hp.center_rewards_coefficient)
         result = {f"eval/{k}": v for k, v in metrics.items()}
+        result |= self.signals.after_eval(step, result["eval/accuracy"])
         self.last_eval = result
         self.ctx.reporter.metrics_only(step, result)
         self.ctx.reporter.event(f"Eval at step {step}: loss={result['eval/loss']:.4f}, "
