@@ -338,3 +338,32 @@ def test_a_cgroup_bounds_memory_across_processes() -> None:
     assert together.reward <= 3.0  # 1 GiB for the whole sandbox: the OOM killer ended the rest
     parents = bounded._cgroups.parents if bounded._cgroups else []
     assert parents and all(not any(p.name.startswith("g-") for p in parent.iterdir()) for parent in parents)
+
+
+def test_abandoned_sandbox_cgroups_are_swept_and_live_ones_kept() -> None:
+    """A worker SIGKILLed mid-grade never removes its sandbox's cgroups; the next sandbox's create
+    sweeps the empty ones (older than a minute; here any age) and leaves one with a process in it."""
+    import subprocess
+
+    bounded = Sandbox(SandboxLimits(wall_seconds=5, cpu_seconds=5, memory_bytes=1 << 30, processes=8))
+    if bounded._cgroups is None:  # pragma: no cover - a container that may not create cgroups
+        pytest.skip("this process may not create cgroups")
+    parents = bounded._cgroups.parents
+    abandoned, live = [p / "g-abandoned0" for p in parents], [p / "g-liveproc00" for p in parents]
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        for d in (*abandoned, *live):
+            d.mkdir()
+        for d in live:
+            (d / "cgroup.procs").write_text(str(sleeper.pid))
+        assert bounded._cgroups.sweep(older_than=0) >= len(parents)  # ours, and any left by a killed worker
+        assert not any(d.exists() for d in abandoned) and all(d.exists() for d in live)
+        assert bounded._cgroups.sweep(older_than=3600) == 0  # a fresh empty one would be kept too
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        time.sleep(0.1)
+        for d in live:
+            if d.exists():
+                d.rmdir()
+    assert not any(d.exists() for d in live)

@@ -122,11 +122,18 @@ def test_multinode_fsdp_a_killed_node_fails_the_attempt_and_the_job_resumes(
     assert resume_step >= 2 and resume_step % 2 == 0  # a checkpoint every 2 steps
     assert f"resumed from step {resume_step}" in [e["message"] for e in log]
     print(f"\n{failed[0]['message']}\n{restart[0]['message']}")
-    # the checkpoint it resumed from: written by the first attempt, under that attempt's prefix
-    shards = [k for k in live.api.state.store.list(f"jobs/{job['id']}/")
-              if f"/step_{resume_step}/shards/" in k]
-    assert len({k.split("/")[2] for k in shards}) == 1 and shards[0].split("/")[2].startswith("attempt_"), shards
-    assert sorted(k.rsplit("/", 1)[1] for k in shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # every checkpoint still listed (the last three) is a whole sharded one under a single attempt's
+    # prefix; the resumed-from one, if retired since, left no shard behind
+    listed = live.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints?limit=50").json()["data"]
+    kept = sorted(c["step_number"] for c in listed)
+    assert 1 <= len(kept) <= 3, kept
+    keys = live.api.state.store.list(f"jobs/{job['id']}/")
+    for step in kept:
+        shards = [k for k in keys if f"/step_{step}/shards/" in k]
+        assert len({k.split("/")[2] for k in shards}) == 1 and shards[0].split("/")[2].startswith("attempt_"), shards
+        assert sorted(k.rsplit("/", 1)[1] for k in shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    if resume_step not in kept:
+        assert not [k for k in keys if f"/step_{resume_step}/" in k]
     assert sum(m["message"] == f"Submitted {job['id']}: 2 nodes × 1 GPUs" for m in log) == 2
     # every step's loss once, and the interrupted job's curve is the uninterrupted one
     loss = series(live, job["id"], "loss")

@@ -33,6 +33,9 @@ from pathlib import Path
 log = logging.getLogger("alignd.graders.sandbox")
 
 PARENT = "alignd-graders"
+#: an empty sandbox cgroup older than this was abandoned (``Cgroups.sweep``)
+STALE_SECONDS = 60.0
+
 #: the launcher: join every cgroup.procs named after the count, then become the sandbox command
 JOIN = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
 
@@ -86,7 +89,25 @@ class Cgroups:
     parents: list[Path]
     version: int
 
+    def sweep(self, older_than: float = STALE_SECONDS) -> int:
+        """Remove abandoned sandbox cgroups: empty ``g-*`` directories older than ``older_than`` s.
+
+        A sandbox's launcher joins its cgroup milliseconds after the mkdir, so an empty one that old
+        belongs to a call whose owner died before its ``remove`` (a worker SIGKILLed mid-grade);
+        without this they pile up for the life of the machine. Returns how many were removed."""
+        removed, cutoff = 0, time.time() - older_than
+        for parent in self.parents:
+            with contextlib.suppress(OSError):
+                for d in parent.iterdir():
+                    with contextlib.suppress(OSError):
+                        if d.name.startswith("g-") and d.stat().st_mtime < cutoff \
+                                and not (d / "cgroup.procs").read_text().strip():
+                            d.rmdir()
+                            removed += 1
+        return removed
+
     def create(self, memory_bytes: int, processes: int) -> CgroupSet | None:
+        self.sweep()
         name = f"g-{secrets.token_hex(6)}"
         made: list[Path] = []
         try:
