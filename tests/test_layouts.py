@@ -213,7 +213,8 @@ def test_models_load_with_sdpa(tiny: tuple[Path, PreTrainedTokenizerBase]) -> No
     assert load_sequence_classifier(path, torch.float32, tokenizer.pad_token_id).config._attn_implementation == "sdpa"
 
 
-def test_a_dpo_job_reports_its_layout(tmp_path: Path) -> None:
+def one_step_dpo(tmp_path: Path, **options: Any) -> Any:
+    """A set-up DPO recipe for one step of the test pairs (``options`` go to ``DPORecipe``)."""
     from service.jobs.spec import DpoHyperparameters
     from workers.recipes.dpo import DPORecipe
 
@@ -222,8 +223,14 @@ def test_a_dpo_job_reports_its_layout(tmp_path: Path) -> None:
                         training_type=LoraTraining(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
                         training_rows=PREFERENCE_ROWS, seed=1,
                         settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE))
-    recipe = DPORecipe(ctx)
+    recipe = DPORecipe(ctx, **options)
     recipe.setup()
+    return recipe
+
+
+def test_a_dpo_job_reports_its_layout(tmp_path: Path) -> None:
+    recipe = one_step_dpo(tmp_path)
+    ctx = recipe.ctx
     recipe.cleanup()
     (data,) = [d for _, _, d in ctx.reporter.events if d and d.get("layout")]
     assert data["layout"] == "shared_mask" and data["reason"].startswith("cpu")
@@ -287,16 +294,8 @@ def test_a_packed_job_logs_the_unpacked_losses(tmp_path: Path, kind: str) -> Non
 
 def test_a_dpo_job_runs_the_plain_layout_when_asked(tmp_path: Path) -> None:
     """The bench's switch: same set-up, plain padded batches, no shared-prompt warning."""
-    from service.jobs.spec import DpoHyperparameters
-    from workers.recipes.dpo import DPORecipe
-
-    hp = DpoHyperparameters(batch_size=4, max_steps=1)
-    ctx = local_context(tmp_path, model=TINY_RANDOM_LLAMA, method=method_of("dpo", hp),
-                        training_type=LoraTraining(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-                        training_rows=PREFERENCE_ROWS, seed=1,
-                        settings=replace(Settings.from_env(tmp_path / "data"), model_cache_dir=MODEL_CACHE))
-    recipe = DPORecipe(ctx, plain_layout=True)
-    recipe.setup()
+    recipe = one_step_dpo(tmp_path, plain_layout=True)
+    ctx = recipe.ctx
     batch = recipe._collate(recipe.pairs[:2])
     recipe.cleanup()
     assert not recipe.shared_layout and batch.attention_mask.dim() == 2  # [chosen..., rejected...] rows
