@@ -12,7 +12,9 @@ Loss check (``loss_diff``). With ``num_iterations`` 1 the clipped ratio is 1 and
 whatever the log-probs are, so that would be no check. Instead one child builds both sides, samples
 a batch of completions once (alignd's sampler), computes the "old" log-probs with one LoRA state,
 moves both sides to the same other non-zero LoRA state, and asks each side for its loss on that
-fixed batch with ``beta`` 0.04 and ``epsilon_high`` 0.28: TRL through its own
+fixed batch with ``beta`` 0.04 (TRL's default ``use_bias_correction_kl``, alignd's ``kl_bias_correction``)
+and ``epsilon_high`` 0.28 (rewards: the graded ones, or a fixed 0/1 pattern when every group is graded
+alike, so the surrogate is checked as well as the KL term): TRL through its own
 ``_get_per_token_logps_and_entropies`` and ``_compute_loss``, alignd through its own
 ``response_logps`` and ``group_loss`` (old and reference log-probs computed by each side's own code,
 the reference with the adapters disabled). ``loss_diff`` is the difference of the two losses; the
@@ -28,7 +30,7 @@ The last line printed is ``grpo_vs_trl speedup=<alignd steps/s / TRL steps/s> lo
 alignd_steps_per_s=<x> trl_steps_per_s=<y> alignd_generation_share=<share of step time sampling>``.
 
 Run: ``make bench-grpo`` or ``.venv/bin/python bench/grpo_vs_trl.py [--rounds N] [--steps N]
-[--device cpu|cuda] [--model NAME]``. Run it on a quiet machine: timings on a busy one are noisy.
+[--device cpu|cuda] [--model NAME] [--check-only]``. Run it on a quiet machine: timings on a busy one are noisy.
 """
 
 from __future__ import annotations
@@ -174,6 +176,9 @@ def _check(workdir: Path, model: str, device: str) -> dict[str, Any]:
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     width = completion_ids.shape[1]
     rewards = rollout.rewards
+    if not bool((rewards.view(-1, CONFIG["group_size"]).std(dim=1) > 0).any()):
+        # every group graded alike: advantages 0 would check only the KL term, so use a fixed 0/1 pattern
+        rewards = (torch.arange(len(rewards)) % 2).to(rewards.dtype)
     advantages, _ = P.group_advantages(rewards, CONFIG["group_size"], "group")
 
     def trl_logps() -> torch.Tensor:
@@ -207,7 +212,7 @@ def _check(workdir: Path, model: str, device: str) -> dict[str, Any]:
                     if ours_lora[n].grad is not None and trl_lora[n].grad is not None)
     grad_scale = max(float(p.grad.abs().max()) for p in trl_lora.values() if p.grad is not None)
     return {"alignd_loss": float(ours.loss.detach()), "trl_loss": float(trl_loss.detach()),
-            "grad_diff": grad_diff, "grad_scale": grad_scale, "rewards_mean": float(rewards.mean()),
+            "grad_diff": grad_diff, "grad_scale": grad_scale, "rewards_mean": float(rollout.rewards.mean()),
             "logps_diff": float(((ours_old - trl_old).abs() * completion_mask).max())}
 
 
@@ -297,6 +302,7 @@ def main() -> None:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch)")
+    parser.add_argument("--check-only", action="store_true", help="run the loss check and stop")
     args = parser.parse_args()
     from workers.base_models import resolve_base_model
 
@@ -309,6 +315,9 @@ def main() -> None:
           f"{check['alignd_loss']:.7f}, TRL {check['trl_loss']:.7f}; max |log-prob difference| "
           f"{check['logps_diff']:.2e}; max |LoRA gradient difference| {check['grad_diff']:.2e} "
           f"(largest gradient {check['grad_scale']:.2e})", flush=True)
+    if args.check_only:
+        print(f"grpo_vs_trl loss_diff={loss_diff:.2e} grad_diff={check['grad_diff']:.2e}")
+        return
     order = []
     for round_ in range(args.rounds):
         order += ["trl", "alignd"] if round_ % 2 == 0 else ["alignd", "trl"]

@@ -70,7 +70,28 @@ def test_group_loss_by_hand() -> None:
     assert halves == pytest.approx(float(grpo.loss.detach()))
 
 
-def _trl_grpo(loss_type: str, beta: float, epsilon: float, epsilon_high: float, max_completion_length: int) -> Any:
+def test_kl_bias_correction_by_hand() -> None:
+    """One token, advantage 0, beta 1, reference log-prob -1.2. Off-policy (old -1.5, ratio e^0.5) the k3
+    value e^-0.2 + 0.2 - 1 = 0.018731 is scaled by the ratio; on-policy its value is unchanged but its
+    gradient becomes log pi - log ref = 0.2 (the reverse-KL gradient) instead of 1 - e^-0.2 = 0.181269."""
+    ref, zero, one = torch.tensor([[-1.2]]), torch.tensor([0.0]), torch.ones(1, 1)
+    kwargs: dict[str, Any] = {"epsilon": 0.2, "epsilon_high": 0.2, "loss_type": "dapo", "total_sequences": 1,
+                              "total_tokens": 1, "max_completion_length": 1, "beta": 1.0, "ref_logps": ref}
+    off = group_loss(torch.tensor([[-1.0]]), torch.tensor([[-1.5]]), zero, one, **kwargs)
+    assert float(off.loss) == pytest.approx(0.018731 * 1.648721, abs=1e-5)
+    grads = []
+    for correction in (True, False):
+        logp = torch.tensor([[-1.0]], requires_grad=True)
+        out = group_loss(logp, logp.detach(), zero, one, kl_bias_correction=correction, **kwargs)
+        assert float(out.loss.detach()) == pytest.approx(0.018731, abs=1e-5)
+        out.loss.backward()
+        assert logp.grad is not None
+        grads.append(float(logp.grad))
+    assert grads == pytest.approx([0.2, 0.181269], abs=1e-5)
+
+
+def _trl_grpo(loss_type: str, beta: float, epsilon: float, epsilon_high: float, max_completion_length: int,
+              bias_correction: bool = False) -> Any:
     """A ``GRPOTrainer`` with just what ``_compute_loss`` reads (one process, no accumulation)."""
     from trl import GRPOTrainer
 
@@ -84,13 +105,15 @@ def _trl_grpo(loss_type: str, beta: float, epsilon: float, epsilon_high: float, 
         "_entropy_bonus_enabled": False, "max_completion_length": max_completion_length,
         "current_gradient_accumulation_steps": 1, "accelerator": identity, "_metrics": defaultdict(
             lambda: defaultdict(list)), "model": SimpleNamespace(training=True),
-        "args": SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)})
+        "args": SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None, steps_per_generation=1)})
     return trainer
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "epsilon_high"),
-                         [("grpo", 0.0, 0.2), ("dr_grpo", 0.04, 0.2), ("dapo", 0.04, 0.28), ("dapo", 0.0, 0.2)])
-def test_group_loss_equals_trls_compute_loss(loss_type: str, beta: float, epsilon_high: float) -> None:
+@pytest.mark.parametrize(("loss_type", "beta", "epsilon_high", "correction"),
+                         [("grpo", 0.0, 0.2, True), ("dr_grpo", 0.04, 0.2, False), ("dapo", 0.04, 0.28, False),
+                          ("dapo", 0.04, 0.28, True), ("grpo", 0.04, 0.2, True), ("dapo", 0.0, 0.2, True)])
+def test_group_loss_equals_trls_compute_loss(loss_type: str, beta: float, epsilon_high: float,
+                                             correction: bool) -> None:
     generator = torch.Generator().manual_seed(7)
     n, t = 6, 5
     logps = -torch.rand(n, t, generator=generator) * 3
@@ -99,7 +122,7 @@ def test_group_loss_equals_trls_compute_loss(loss_type: str, beta: float, epsilo
     mask = (torch.rand(n, t, generator=generator) > 0.2).long()
     mask[:, 0] = 1
     advantages = torch.randn(n, generator=generator)
-    trainer = _trl_grpo(loss_type, beta, 0.2, epsilon_high, max_completion_length=t)
+    trainer = _trl_grpo(loss_type, beta, 0.2, epsilon_high, max_completion_length=t, bias_correction=correction)
     policy = logps.clone().requires_grad_(True)
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (policy, torch.zeros(n, t), None)
     inputs = {"prompt_ids": torch.zeros(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),
@@ -111,7 +134,7 @@ def test_group_loss_equals_trls_compute_loss(loss_type: str, beta: float, epsilo
     ours_logps = logps.clone().requires_grad_(True)
     ours = group_loss(ours_logps, old, advantages, mask, epsilon=0.2, epsilon_high=epsilon_high,
                       loss_type=loss_type, total_sequences=n, total_tokens=int(mask.sum()),
-                      max_completion_length=t, beta=beta, ref_logps=ref)
+                      max_completion_length=t, beta=beta, ref_logps=ref, kl_bias_correction=correction)
     ours.loss.backward()
     assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), abs=1e-6)
     assert ours_logps.grad is not None and policy.grad is not None

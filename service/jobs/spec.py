@@ -134,7 +134,8 @@ class ReinforcementHyperparameters(CommonHyperparameters, kw_only=True):
     ``temperature`` (1.0), ``top_p`` (1.0), ``kl_coef`` = ``beta`` (0.0; the reference is the base with
     the adapters disabled), ``loss_type`` ("dapo"), ``epsilon`` (0.2), ``epsilon_high`` (None: same as
     ``epsilon``), ``scale_rewards`` ("group"; True/False mean "group"/"none"),
-    ``mask_truncated_completions`` (False), ``num_iterations`` (1). ``algorithm``: "grpo" (default),
+    ``mask_truncated_completions`` (False), ``num_iterations`` (1), ``kl_bias_correction`` =
+    ``use_bias_correction_kl`` (True: the KL term times the importance ratio). ``algorithm``: "grpo" (default),
     "rloo" (leave-one-out baseline) or "ppo" (the PPO engine with the grader as its reward).
     """
 
@@ -159,6 +160,7 @@ class ReinforcementHyperparameters(CommonHyperparameters, kw_only=True):
     scale_rewards: Literal["group", "batch", "none"] | bool = "group"
     mask_truncated_completions: bool = False
     num_iterations: Annotated[int, Meta(ge=1, le=100)] = 1
+    kl_bias_correction: bool = True
 
     def __post_init__(self) -> None:
         defaults = CommonHyperparameters()

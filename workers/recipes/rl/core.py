@@ -374,7 +374,8 @@ class GroupLoss(NamedTuple):
 
 def group_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float,
                epsilon_high: float, loss_type: str, total_sequences: int, total_tokens: int,
-               max_completion_length: int, beta: float = 0.0, ref_logps: Tensor | None = None) -> GroupLoss:
+               max_completion_length: int, beta: float = 0.0, ref_logps: Tensor | None = None,
+               kl_bias_correction: bool = True) -> GroupLoss:
     """GRPO's clipped surrogate per token plus ``beta`` x k3 KL, normalised as ``loss_type`` says over the
     *whole step's* batch (``total_sequences`` completions holding ``total_tokens`` tokens):
 
@@ -383,6 +384,10 @@ def group_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tenso
     - ``dapo``: token sum / tokens (DAPO: every token weighs the same).
 
     Each micro-batch returns its share, so the step's loss is the sum over micro-batches whatever the split.
+
+    ``kl_bias_correction`` multiplies the k3 term by the (differentiable) importance ratio, as TRL 1.16
+    does by default (``use_bias_correction_kl``, DeepSeek-V3.2): its gradient is then the unbiased
+    reverse-KL gradient even on-policy, where the ratio's value is 1 but its gradient is not 0.
     """
     keep = _keep(mask)
     ratio = torch.exp(logps - old_logps)
@@ -392,6 +397,8 @@ def group_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tenso
     kl = torch.zeros_like(per_token)
     if beta != 0.0 and ref_logps is not None:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if kl_bias_correction:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     summed = masked_sum(per_token, keep, dim=1)
     if loss_type == "grpo":

@@ -238,7 +238,8 @@ class GroupEngine:
                 out = P.group_loss(logps, old, advantages[rows], mask, epsilon=hp.epsilon,
                                    epsilon_high=self.epsilon_high, loss_type=hp.loss_type,
                                    total_sequences=len(r), total_tokens=tokens,
-                                   max_completion_length=hp.max_new_tokens, beta=hp.kl_coef, ref_logps=ref)
+                                   max_completion_length=hp.max_new_tokens, beta=hp.kl_coef, ref_logps=ref,
+                                   kl_bias_correction=hp.kl_bias_correction)
             loss = float(out.loss.detach())
             if not math.isfinite(loss):
                 return {"loss": loss}
