@@ -16,9 +16,9 @@ fixed batch with ``beta`` 0.04 (TRL's default ``use_bias_correction_kl``, alignd
 and ``epsilon_high`` 0.28 (rewards: the graded ones, or a fixed 0/1 pattern when every group is graded
 alike, so the surrogate is checked as well as the KL term): TRL through its own
 ``_get_per_token_logps_and_entropies`` and ``_compute_loss``, alignd through its own
-``response_logps`` and ``group_loss`` (old and reference log-probs computed by each side's own code,
-the reference with the adapters disabled). ``loss_diff`` is the difference of the two losses; the
-LoRA gradients are compared too.
+``grouped_response_logps`` (each prompt run once for its group) and ``group_loss`` (old and
+reference log-probs computed by each side's own code, the reference with the adapters disabled).
+``loss_diff`` is the difference of the two losses; the LoRA gradients are compared too.
 
 Timing. Each block of ``--steps`` steps runs in its own spawned process; blocks alternate TRL,
 alignd, alignd, TRL (``--rounds`` 2). A step's time is the wall time between the ends of consecutive
@@ -187,11 +187,11 @@ def _check(workdir: Path, model: str, device: str) -> dict[str, Any]:
 
     set_lora(0.02)  # the policy that "sampled" the batch
     with torch.no_grad():
-        ours_old = engine._logps(input_ids, attention, completion_ids)[0]
+        ours_old = engine._logps(rollout)[0]
     trl_old = trl_logps()
     set_lora(0.05)  # the policy being updated
     with torch.no_grad(), recipe.models.reference():
-        ours_ref = engine._logps(input_ids, attention, completion_ids)[0]
+        ours_ref = engine._logps(rollout)[0]
     with trainer.model.disable_adapter():
         trl_ref = trl_logps()
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
@@ -203,7 +203,7 @@ def _check(workdir: Path, model: str, device: str) -> dict[str, Any]:
     trl_loss = trainer._compute_loss(trainer.model, inputs)
     trl_loss.backward()
     with recipe.models.using(POLICY):
-        logps, _ = engine._logps(input_ids, attention, completion_ids)
+        logps, _ = engine._logps(rollout)
         ours = P.group_loss(logps, ours_old, advantages, completion_mask, epsilon=0.2, epsilon_high=0.28,
                             loss_type="dapo", total_sequences=len(rollout), total_tokens=int(completion_mask.sum()),
                             max_completion_length=CONFIG["max_new_tokens"], beta=0.04, ref_logps=ours_ref)

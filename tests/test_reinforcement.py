@@ -102,7 +102,7 @@ def test_an_update_moves_log_probs_the_way_the_advantages_point(tmp_path: Path) 
 
     def sequence_logps() -> torch.Tensor:
         with torch.no_grad():
-            logps, _ = engine._logps(r.sequences, r.attention_mask, r.responses)
+            logps, _ = engine._logps(r)
         return (logps * r.mask).sum(dim=1)
 
     before = sequence_logps()

@@ -46,7 +46,7 @@ from workers.modeling import (
     load_sequence_classifier,
 )
 from workers.recipes.rl.core import response_mask
-from workers.recipes.rl.engine import AdapterReward, PPOEngine, Prompt, response_logps
+from workers.recipes.rl.engine import AdapterReward, PPOEngine, Prompt, grouped_response_logps, response_logps
 from workers.recipes.rl.models import POLICY, REWARD, VALUE, SharedBase
 from workers.reward_scoring import SequenceScores, load_reward_model
 
@@ -166,6 +166,51 @@ def test_recomputed_log_probs_equal_the_samplers(tiny: tuple[Path, PreTrainedTok
         with models.reference():
             reference, _ = response_logps(models, ids, attention, responses, temperature)
         assert float((reference[mask] - logps[mask]).abs().max()) > 1e-3
+
+
+def test_a_group_runs_its_prompt_once_with_the_same_log_probs_and_gradients(
+        tiny: tuple[Path, PreTrainedTokenizerBase]) -> None:
+    """GRPO's update runs each prompt once for its G responses (a KV cache gathered per row): the
+    log-probs, entropies and LoRA gradients equal those of whole prompt + response rows, for
+    left-padded prompts of different lengths, padded responses, and slices that cut a group in two;
+    with activation checkpointing it falls back to whole rows."""
+    path, tokenizer = tiny
+    models = shared_base(path)  # a non-zero policy adapter: the prompt's KV depends on it
+    group = 3
+    queries, query_mask = left_pad([p.ids for p in prompts(tokenizer, 2)], tokenizer.pad_token_id)
+    queries, query_mask = queries.repeat_interleave(group, 0), query_mask.repeat_interleave(group, 0)
+    responses = torch.randint(3, 200, (6, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0], [1] * 5, [1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]).bool()
+    responses = responses.masked_fill(~mask, int(tokenizer.pad_token_id))
+    policy = [p for n, p in models.peft.named_parameters() if "lora_" in n and f".{POLICY}." in n]
+
+    def run(shared: bool, rows: slice) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        models.peft.zero_grad()
+        if shared:
+            logps, entropy = grouped_response_logps(models, queries, query_mask, responses, mask, group, rows, 0.7,
+                                                    with_entropy=True)
+        else:
+            ids = torch.cat([queries, responses], 1)[rows]
+            attention = torch.cat([query_mask, mask.long()], 1)[rows]
+            logps, entropy = response_logps(models, ids, attention, responses[rows], 0.7, with_entropy=True)
+        assert entropy is not None
+        ((logps * mask[rows]).sum() + (entropy * mask[rows]).sum()).backward()
+        return logps.detach(), entropy.detach(), [p.grad.clone() for p in policy if p.grad is not None]
+
+    for rows in (slice(None), slice(1, 5), slice(2, 3)):
+        ours, whole = run(True, rows), run(False, rows)
+        keep = mask[rows]
+        torch.testing.assert_close(ours[0][keep], whole[0][keep], atol=2e-5, rtol=0)
+        torch.testing.assert_close(ours[1][keep], whole[1][keep], atol=2e-5, rtol=0)
+        assert len(ours[2]) == len(policy) == len(whole[2])
+        for a, b in zip(ours[2], whole[2], strict=True):  # equal up to the order of float sums
+            assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-7, (float((a - b).norm()), float(b.norm()))
+    assert float(ours[2][0].abs().max()) > 0
+    # activation checkpointing turns the decoder's cache off in training: whole rows, same numbers
+    checkpointed = shared_base(path, checkpointing=True)
+    checkpointed.train()
+    assert checkpointed.response_hidden(queries[::group], query_mask[::group], responses, mask,
+                                        torch.arange(6) // group) is None
 
 
 def test_reward_adapter_on_the_shared_base_scores_like_the_reward_model(

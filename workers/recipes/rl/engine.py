@@ -97,6 +97,27 @@ def response_logps(models: SharedBase, ids: Tensor, attention: Tensor, response:
     return out.logps, out.entropy
 
 
+def grouped_response_logps(models: SharedBase, queries: Tensor, query_mask: Tensor, responses: Tensor,
+                           response_mask: Tensor, group_size: int, rows: slice, temperature: float,
+                           with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`response_logps` of the rows ``rows`` of a grouped rollout (row ``i`` answers prompt
+    ``i // group_size``, ``queries`` holding each prompt ``group_size`` times), running each prompt once
+    (:meth:`SharedBase.response_hidden`); the whole rows where that path is unavailable."""
+    index = torch.arange(queries.shape[0], device=queries.device)[rows] // group_size
+    first, last = int(index[0]), int(index[-1])
+    one_each = slice(first * group_size, (last + 1) * group_size, group_size)
+    hidden = None
+    if group_size > 1:
+        hidden = models.response_hidden(queries[one_each], query_mask[one_each], responses[rows],
+                                        response_mask[rows], index - first)
+    if hidden is None:
+        ids = torch.cat([queries[rows], responses[rows]], dim=1)
+        attention = torch.cat([query_mask[rows], response_mask[rows].long()], dim=1)
+        return response_logps(models, ids, attention, responses[rows], temperature, with_entropy)
+    out = target_logps(hidden, models.lm_head(), responses[rows], temperature=temperature, with_entropy=with_entropy)
+    return out.logps, out.entropy
+
+
 # --------------------------------------------------------------------------- rewards
 
 

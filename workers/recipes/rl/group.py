@@ -41,7 +41,7 @@ from service.jobs.spec import ReinforcementHyperparameters
 from workers.batching import left_pad
 from workers.loop import Optimization, backward
 from workers.recipes.rl import core as P
-from workers.recipes.rl.engine import Prompt, response_logps
+from workers.recipes.rl.engine import Prompt, grouped_response_logps
 from workers.recipes.rl.grading import GraderScorer, Grades, grade_metrics, merge
 from workers.recipes.rl.models import POLICY, SharedBase
 from workers.recipes.rl.sampling import Interrupted, sample_groups
@@ -72,6 +72,10 @@ class GroupRollout:
     @property
     def rewards(self) -> Tensor:
         return self.grades.rewards.to(self.responses.device)
+
+    @property
+    def group_size(self) -> int:
+        return len(self) // max(len(self.prompts), 1)
 
     def __len__(self) -> int:
         return int(self.responses.shape[0])
@@ -158,20 +162,21 @@ class GroupEngine:
         step = self._micro_size(len(r))
         for start in range(0, len(r), step):
             rows = slice(start, start + step)
-            ids, attention, response = r.sequences[rows], r.attention_mask[rows], r.responses[rows]
             if need_old:
                 with self.models.using(POLICY):
-                    old.append(self._logps(ids, attention, response)[0])
+                    old.append(self._logps(r, rows)[0])
             if need_ref:
                 with self.models.reference():
-                    ref.append(self._logps(ids, attention, response)[0])
+                    ref.append(self._logps(r, rows)[0])
         r.old_logps = torch.cat(old) if old else None
         r.ref_logps = torch.cat(ref) if ref else None
 
-    def _logps(self, ids: Tensor, attention: Tensor, response: Tensor,
+    def _logps(self, r: GroupRollout, rows: slice = slice(None),
                with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Log-probs of rows ``rows`` of ``r``, each prompt of the slice run once for its whole group."""
         with self.accelerator.autocast():
-            return response_logps(self.models, ids, attention, response, self.hp.temperature, with_entropy)
+            return grouped_response_logps(self.models, r.queries, r.query_mask, r.responses, r.mask,
+                                          r.group_size, rows, self.hp.temperature, with_entropy)
 
     def _micro_size(self, rows: int) -> int:
         return max(1, math.ceil(rows / self.hp.gradient_accumulation_steps))
@@ -224,11 +229,10 @@ class GroupEngine:
 
     def _micro_backward(self, r: GroupRollout, advantages: Tensor, rows: slice, tokens: int) -> dict[str, float]:
         hp = self.hp
-        ids, attention, response = r.sequences[rows], r.attention_mask[rows], r.responses[rows]
         mask = r.loss_mask[rows]
         share = int(mask.sum()) / max(tokens, 1)  # token-weighted share for the means below
         with self.models.using(POLICY):
-            logps, entropy = self._logps(ids, attention, response, with_entropy=True)
+            logps, entropy = self._logps(r, rows, with_entropy=True)
             old = r.old_logps[rows] if r.old_logps is not None else logps.detach()
             if hp.algorithm == "rloo":
                 out = P.rloo_loss(logps, old, advantages[rows], mask, epsilon=hp.epsilon,

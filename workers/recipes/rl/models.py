@@ -100,6 +100,37 @@ class SharedBase(nn.Module):
                       position_ids=position_ids(attention_mask))
         return out.last_hidden_state  # type: ignore[no-any-return]
 
+    def response_hidden(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,
+                        prompt_of_row: Tensor) -> Tensor | None:
+        """Hidden states ``[rows, T, H]`` at the positions that predict each response token, with each
+        prompt run once however many responses share it: the prompts' forward fills a KV cache, the
+        cache is gathered to one row per response (``prompt_of_row`` indexes ``prompts``; the gather is
+        differentiable, so a prompt's backward also runs once), and the responses run on top of it.
+        A group of G samples then costs its prompt once in the update, as it did in sampling.
+
+        None where the decoder cannot hand back a cache (activation checkpointing in training turns
+        ``use_cache`` off): the caller runs the whole rows instead (:meth:`hidden`)."""
+        lm = causal_lm_of(self.peft)
+        checkpointing = getattr(lm, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5.23
+            checkpointing = getattr(lm, "is_gradient_checkpointing", False)
+        if checkpointing and self.peft.training:
+            return None
+        decoder = getattr(lm, lm.base_model_prefix)
+        head = decoder(input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                       use_cache=True)
+        cache = head.past_key_values
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            return None
+        cache.batch_select_indices(prompt_of_row)
+        start = prompt_mask.long().sum(dim=1)[prompt_of_row]  # the first response token's position
+        steps = torch.arange(responses.shape[1], device=responses.device)
+        mask = torch.cat([prompt_mask[prompt_of_row], response_mask.long()], dim=1)
+        tail = decoder(input_ids=responses, attention_mask=mask, position_ids=start[:, None] + steps,
+                       past_key_values=cache, use_cache=True)
+        first = head.last_hidden_state[prompt_of_row, -1:]  # the prompt's last token predicts the first
+        return torch.cat([first, tail.last_hidden_state[:, :-1]], dim=1)
+
     def lm_head(self) -> nn.Module:
         return causal_lm_of(self.peft).get_output_embeddings()  # type: ignore[no-any-return]
 
