@@ -50,9 +50,13 @@ The last line printed is
 layout_speedup=<plain_step / alignd_step> alignd_step=<s> trl_step=<s> plain_step=<s>
 peak_mib alignd=<MiB> trl=<MiB> plain=<MiB> logps_diff=<max abs> grad_rel=<rel> loss_curve_diff=<max abs>``.
 
-Run: ``make bench-dpo`` or ``.venv/bin/python bench/dpo_vs_trl.py [--rounds N] [--steps N]``
-(``--rounds 0``: the check only). The CPU is shared with whatever else runs on the machine: timings
-on a busy machine are noisy (the load average is printed).
+Run: ``make bench-dpo`` or ``.venv/bin/python bench/dpo_vs_trl.py [--rounds N] [--steps N] [--device
+cpu|cuda] [--model NAME]`` (``--rounds 0``: the check only). ``--device cuda`` runs both sides in bf16
+(a bf16 frozen base under bf16 autocast, as alignd's LoRA runs on a bf16 GPU), reports the CUDA
+allocator's peak, and checks with bf16's tolerances (``TOLERANCES``); ``--model`` takes any model name
+alignd resolves, e.g. the random-init Llama-3-8B-shaped one ``bench/random_model.py`` writes.
+The CPU is shared with whatever else runs on the machine: timings on a busy machine are noisy (the
+load average is printed).
 """
 
 from __future__ import annotations
@@ -77,12 +81,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ALIGND_MODEL_CACHE", str(REPO / ".alignd" / "models"))
 
-#: per-sequence log-prob sums (nats), alignd against TRL; measured ~6e-5 (fp32 summation order)
-LOGPS_ATOL = 1e-3
-#: |g_alignd - g_trl| / |g_trl| over every LoRA gradient; measured ~3e-6
-GRAD_RTOL = 1e-4
-#: per-step losses of the 8-step curves from the same initial weights; measured ~1.4e-6
-LOSS_CURVE_ATOL = 1e-4
+#: the device and base model of every child (spawned children read them from the environment main sets)
+DEVICE = os.environ.get("ALIGND_BENCH_DEVICE", "cpu")
+MODEL = os.environ.get("ALIGND_BENCH_MODEL", "SmolLM2-135M-Instruct")
+#: tolerances by device. CPU, fp32: per-sequence log-prob sums (nats) measured ~6e-5 apart (summation
+#: order), LoRA gradients ~3e-6 (relative), 8-step loss curves ~1.4e-6. CUDA runs both sides in bf16
+#: (a bf16 frozen base, bf16 autocast): an 8-bit mantissa, so the bounds are bf16's, not fp32's
+TOLERANCES = {"cpu": {"logps": 1e-3, "grad": 1e-4, "curve": 1e-4},
+              "cuda": {"logps": 0.5, "grad": 0.1, "curve": 0.05}}
+LOGPS_ATOL = TOLERANCES[DEVICE]["logps"]
+GRAD_RTOL = TOLERANCES[DEVICE]["grad"]
+LOSS_CURVE_ATOL = TOLERANCES[DEVICE]["curve"]
 ARMS = ("trl", "alignd", "plain")
 
 # --------------------------------------------------------------------------- pure helpers
@@ -132,7 +141,6 @@ def relative_error(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> float:
 # --------------------------------------------------------------------------- shared set-up
 
 
-MODEL = "SmolLM2-135M-Instruct"
 N_PAIRS = 64
 SEED = 0
 CONFIG: dict[str, Any] = {"batch_size": 8, "max_length": 128, "beta": 0.1, "learning_rate": 5e-5,
@@ -216,14 +224,17 @@ def _trl_trainer(tokenizer: Any, batches: list[list[int]], workdir: Path, steps:
     from workers.base_models import resolve_base_model
 
     path = resolve_base_model(MODEL, _settings())
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    # alignd's LoRA keeps its frozen base in bf16 on a bf16 GPU (workers/precision.py): TRL's gets the same
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     args = DPOConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=CONFIG["batch_size"],
         max_length=CONFIG["max_length"], beta=CONFIG["beta"], loss_type=["sigmoid"],
         learning_rate=CONFIG["learning_rate"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=CONFIG["max_grad_norm"], optim="adamw_torch", max_steps=steps,
         gradient_checkpointing=False, precompute_ref_log_probs=False, logging_steps=1, report_to="none",
-        dataloader_num_workers=0, save_strategy="no", eval_strategy="no", use_cpu=True, bf16=False,
+        dataloader_num_workers=0, save_strategy="no", eval_strategy="no", use_cpu=DEVICE == "cpu",
+        bf16=DEVICE == "cuda",
         fp16=False, train_sampling_strategy="sequential", seed=SEED, disable_tqdm=True,
     )
     peft_config = LoraConfig(r=CONFIG["lora_r"], lora_alpha=CONFIG["lora_alpha"],
@@ -302,7 +313,7 @@ def _check(workdir: Path, init_path: Path) -> dict[str, Any]:
     with torch.no_grad():
         for name, param in ours_lora.items():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.device) * 0.05)
             trl_lora[name].copy_(param)
     # 3. Per-sequence log-probs on the first batch: alignd's two layouts against TRL.
     first = [recipe.pairs[i] for i in batches[0]]
@@ -339,6 +350,15 @@ def _check(workdir: Path, init_path: Path) -> dict[str, Any]:
     }
 
 
+def _peak_bytes() -> int:
+    """The process's peak: ``VmHWM`` on the CPU, the CUDA allocator's peak on a GPU (the model included)."""
+    import torch
+
+    if DEVICE == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return vm_hwm_bytes()
+
+
 def _time_alignd(workdir: Path, steps: int, init_path: Path, plain_layout: bool) -> dict[str, Any]:
     recipe = _alignd_recipe(workdir, steps, plain_layout=plain_layout)
     _load_lora(_alignd_lora(recipe), init_path)
@@ -346,7 +366,7 @@ def _time_alignd(workdir: Path, steps: int, init_path: Path, plain_layout: bool)
     reporter = recipe.ctx.reporter
     assert result.status == "succeeded", result
     return {"step_times": [b - a for a, b in zip(reporter.stamps, reporter.stamps[1:], strict=False)],
-            "losses": reporter.series("loss"), "peak": vm_hwm_bytes(), "layout": recipe.layout.name}
+            "losses": reporter.series("loss"), "peak": _peak_bytes(), "layout": recipe.layout.name}
 
 
 def _time_trl(workdir: Path, steps: int, init_path: Path) -> dict[str, Any]:
@@ -376,7 +396,7 @@ def _time_trl(workdir: Path, steps: int, init_path: Path) -> dict[str, Any]:
     trainer.remove_callback(PrinterCallback)  # logs still computed every step, just not printed
     trainer.train()
     return {"step_times": [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)],
-            "losses": clock.losses, "peak": vm_hwm_bytes(), "layout": "trl"}
+            "losses": clock.losses, "peak": _peak_bytes(), "layout": "trl"}
 
 
 def _child(kind: str, steps: int, threads: int | None, init_path: Path, queue: Any) -> None:
@@ -456,7 +476,14 @@ def main() -> None:
                         help="mirrored rounds: TRL, alignd, plain, plain, alignd, TRL, ... (0: the check only)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per block (max 8: one epoch)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=DEVICE,
+                        help="cuda: both sides in bf16 on the GPU (peaks from torch.cuda.max_memory_allocated)")
+    parser.add_argument("--model", default=MODEL, help="a built-in or ALIGND_MODELS name (bench/random_model.py "
+                        "writes a random-init Llama-3-8B-shaped one for the GPU)")
     args = parser.parse_args()
+    if (args.device, args.model) != (DEVICE, MODEL):  # the children read them at import: start again with them set
+        os.environ["ALIGND_BENCH_DEVICE"], os.environ["ALIGND_BENCH_MODEL"] = args.device, args.model
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     from workers.base_models import resolve_base_model
 
     resolve_base_model(MODEL, _settings())  # converts the GGUF once, before any child needs it

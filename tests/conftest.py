@@ -22,11 +22,10 @@ from service.auth import create_key
 from service.db.engine import session_scope
 from service.settings import DatabaseSettings, Settings
 from service.state import AppState
+from tests.paths import MODEL_CACHE, REPO  # noqa: F401 - REPO: re-exported for the tests that import it here
 
 pytest_plugins = ["tests.s3_server"]
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL_CACHE = Path(os.environ.get("ALIGND_TEST_MODEL_CACHE", REPO / ".alignd" / "models")).resolve()
 POSTGRES_URL = os.environ.get("ALIGND_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ALIGND_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -11,20 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.paths import REPO
 
-BLOCKED = ("litestar", "celery", "trl")
-#: runs a script with BLOCKED unimportable (a meta-path finder that refuses them) and argv after ``--``
+#: what the GPU machine lacks (it has torch, transformers, accelerate, peft and their dependencies)
+BLOCKED = ("litestar", "celery", "kombu", "redis", "trl", "datasets", "boto3", "botocore", "sqlalchemy",
+           "prometheus_client", "rich", "moto")
+#: runs a script (or ``-m module``) with BLOCKED absent: ``sys.modules[name] = None`` is how Python marks
+#: a module missing, so ``import`` fails and ``importlib.util.find_spec`` (libraries' availability
+#: checks) answers None, as on a machine without them
 HARNESS = f"""
 import runpy, sys
-class Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"{{name}} is not on the GPU machine")
-        return None
-sys.meta_path.insert(0, Refuse())
+for name in {BLOCKED!r}:
+    sys.modules[name] = None
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+if sys.argv[0] == "-m":
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 # The tiny config (bench/gpu.py TINY) by hand: per layer q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate, up and
 # down 64x128 each = 36864, two RMSNorms 128; 2 layers; final norm 64; the tied 512x64 head once.
@@ -40,7 +44,16 @@ def test_the_harness_really_blocks_the_service_packages(tmp_path: Path) -> None:
     script = tmp_path / "imports_celery.py"
     script.write_text("import celery\n")
     out = _run(str(script))
-    assert out.returncode != 0 and "not on the GPU machine" in out.stderr
+    assert out.returncode != 0 and "import of celery halted" in out.stderr
+
+
+def test_the_gpu_tests_collect_without_the_service() -> None:
+    """``pytest --noconftest -m gpu``, as the GPU session runs them: the modules import without the service."""
+    out = _run("-m", "pytest", "--noconftest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+               "tests/test_gpu_numerics.py", "tests/test_gpu_bench.py")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    collected = [line for line in out.stdout.splitlines() if "::test_" in line]
+    assert len(collected) == 5, out.stdout  # four numerics tests and the estimate-against-peak one
 
 
 def test_gpu_bench_smoke_runs_every_method_without_the_service() -> None:

@@ -1,4 +1,5 @@
-"""CUDA numerics (opt-in: ``pytest -m gpu tests/test_gpu_numerics.py``; the default addopts deselect them).
+"""CUDA numerics (opt-in: ``pytest -m gpu tests/test_gpu_numerics.py``; the default addopts deselect them;
+``--noconftest`` where the service's packages are not installed, as on the GPU machine).
 
 * bf16 autocast log-probs against fp32 ones on SmolLM2-135M (its weights when the model cache has
   them, else random-init from its config: model files do not travel to the GPU machine);
@@ -18,7 +19,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import MODEL_CACHE
+from tests.paths import MODEL_CACHE
 from workers.attention import use_flex
 from workers.data import TokenizedPair, TokenizedSequence
 from workers.logprobs import target_logps
