@@ -1,8 +1,8 @@
 """alignd's reinforcement recipe (GRPO) against TRL 1.16's ``GRPOTrainer`` (no vLLM) on the same work.
 
 Set-up (both sides): SmolLM2-135M-Instruct (fp32 on the CPU; ``--device cuda`` runs bf16 on a GPU),
-LoRA r=8 / alpha 16 / dropout 0 on ``q_proj`` and ``v_proj``, arithmetic prompts ("What is a + b?"
-with a system turn asking for the number only), 4 prompts a step x ``group_size`` 4 samples, at most
+LoRA r=8 / alpha 16 / dropout 0 on ``q_proj`` and ``v_proj``, arithmetic prompts ("What is a + b?", a and
+b from 1 to 9, with a system turn asking for the number only), 4 prompts a step x ``group_size`` 4 samples, at most
 32 new tokens, temperature 1, top_p 1, the same reward (exact match of the completion's text with the
 answer: alignd's ``string_check`` ``eq`` grader, a plain Python function for TRL), ``loss_type`` dapo,
 ``kl_coef``/``beta`` 0, ``num_iterations`` 1, ``scale_rewards`` group, AdamW lr 1e-5 with a linear
@@ -66,7 +66,7 @@ def rows(n: int) -> list[dict[str, Any]]:
     rng = random.Random(SEED)
     out = []
     for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)  # one-digit sums: SmolLM2 gets some right
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {a} + {b}?"}]
         out.append({"messages": messages, "answer": str(a + b)})
     return out
