@@ -137,6 +137,13 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     model.enable_input_require_grads()
 
 
+def activation_checkpointing_on(model: PreTrainedModel) -> bool:
+    """Whether :func:`enable_activation_checkpointing` was called on ``model`` (transformers before 5.23,
+    as on the GPU image, names it ``is_gradient_checkpointing``)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
 # --------------------------------------------------------------------------- sharding
 
 

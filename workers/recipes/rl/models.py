@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from service.jobs.spec import LoraTraining
 from workers.batching import position_ids
-from workers.modeling import causal_lm_of, lora_config, saved_lora_as_causal, wrap_lora
+from workers.modeling import activation_checkpointing_on, causal_lm_of, lora_config, saved_lora_as_causal, wrap_lora
 
 POLICY, VALUE, REWARD = "policy", "value", "reward"
 HEAD_KEYS = ("score", "classifier")
@@ -93,11 +93,13 @@ class SharedBase(nn.Module):
             yield
         self._fix_grads()
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def _decoder(self) -> nn.Module:
         lm = causal_lm_of(self.peft)
-        decoder = getattr(lm, lm.base_model_prefix)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask))
+        return getattr(lm, lm.base_model_prefix)  # type: ignore[no-any-return]
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self._decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask))
         return out.last_hidden_state  # type: ignore[no-any-return]
 
     def response_hidden(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,
@@ -110,13 +112,9 @@ class SharedBase(nn.Module):
 
         None where the decoder cannot hand back a cache (activation checkpointing in training turns
         ``use_cache`` off): the caller runs the whole rows instead (:meth:`hidden`)."""
-        lm = causal_lm_of(self.peft)
-        checkpointing = getattr(lm, "is_activation_checkpointing", None)
-        if checkpointing is None:  # transformers < 5.23
-            checkpointing = getattr(lm, "is_gradient_checkpointing", False)
-        if checkpointing and self.peft.training:
+        if activation_checkpointing_on(causal_lm_of(self.peft)) and self.peft.training:
             return None
-        decoder = getattr(lm, lm.base_model_prefix)
+        decoder = self._decoder()
         head = decoder(input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                        use_cache=True)
         cache = head.past_key_values
