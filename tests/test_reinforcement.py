@@ -240,14 +240,15 @@ def arithmetic(n: int, seed: int) -> list[dict[str, Any]]:
 @pytest.mark.timeout(1800)  # ~2 minutes on an idle 2-core machine; a busy one is several times slower
 def test_smollm2_learns_to_put_the_sum_in_its_first_eight_tokens(tmp_path: Path) -> None:
     """GRPO on SmolLM2-135M-Instruct with a string_check grader (the answer must appear in the first 8
-    tokens, which SmolLM2 rarely manages: it opens with "To find 3 + 4, ..."). Held-out prompts, 2
-    samples each, are evaluated before training and after 6 steps. Measured: 0.09 -> 0.53 at step 6
-    (0.69 at step 12, 0.94 at step 24 in a longer run)."""
+    tokens, which SmolLM2 rarely manages: it opens with "To find 3 + 4, ..."). Held-out prompts, 4
+    samples each (64 completions: a standard error near 0.06), are evaluated before training and after
+    10 steps. Measured under seeds 1, 2, 3: 0.14 -> 0.69, 0.11 -> 0.55, 0.12 -> 0.70; 6 steps were too
+    few to be sure (seed 2 had no group with signal for three steps: 0.11 -> 0.33 at step 8)."""
     contains = {"type": "string_check", "name": "sum", "input": "{{sample.output_text}}",
                 "reference": "{{item.answer}}", "operation": "like"}
     hp = ReinforcementHyperparameters(batch_size=4, group_size=4, max_new_tokens=8, temperature=1.0,
-                                      learning_rate=3e-4, lr_scheduler="constant", max_steps=6, n_epochs=10,
-                                      eval_interval=6, eval_samples=2, max_length=128)
+                                      learning_rate=3e-4, lr_scheduler="constant", max_steps=10, n_epochs=10,
+                                      eval_interval=10, eval_samples=4, max_length=128)
     method = Method(type="reinforcement", reinforcement=ReinforcementMethod(grader=parse_grader(contains),
                                                                              hyperparameters=hp))
     ctx = local_context(tmp_path, model="SmolLM2-135M-Instruct", method=method, seed=1,
@@ -262,5 +263,5 @@ def test_smollm2_learns_to_put_the_sum_in_its_first_eight_tokens(tmp_path: Path)
         built.cleanup()
     curve = [(step, values["eval/reward"]) for step, values in ctx.reporter.metrics if "eval/reward" in values]
     print(f"eval/reward by step: {curve}; train reward {[round(r, 3) for r in ctx.reporter.series('reward')]}")
-    assert [step for step, _ in curve] == [0, 6]
+    assert [step for step, _ in curve] == [0, 10]
     assert before < 0.3 and curve[-1][1] >= before + 0.3, curve

@@ -1,8 +1,10 @@
-"""Group sampling (``workers.recipes.rl.sampling``) on tiny-random-llama: the same tokens as transformers'
-``generate(num_return_sequences=G)`` under the same seed, for a fraction of the prompt work."""
+"""Group sampling (``workers.recipes.rl.sampling``) on tiny-random-llama: transformers' greedy tokens,
+draws that follow the distribution ``generate(do_sample=True)`` samples from, for a fraction of the
+prompt work."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from tests.conftest import MODEL_CACHE
 from workers.batching import left_pad
 from workers.data import prompt_ids
 from workers.modeling import eos_token_ids, load_causal_lm
-from workers.recipes.rl.sampling import sample_groups, top_p_filter
+from workers.recipes.rl.sampling import categorical, sample_groups, top_p_filter
 
 TINY = "tiny-random-llama"
 
@@ -43,33 +45,77 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.9])
-def test_group_samples_equal_generate_with_return_sequences(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
-                                                            top_p: float) -> None:
+def test_categorical_draws_follow_the_distribution_and_never_a_zero() -> None:
+    """The inverse-CDF draw against the probabilities it is given: 20,000 draws of each row land within
+    5 standard errors of every probability, a token of probability 0 (cut by ``top_p``) is never drawn,
+    and one seed draws the same tokens again."""
+    table = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.25, 0.0, 0.5, 0.25]])
+    n = 20_000
+    probs = table.repeat_interleave(n, dim=0)
+    torch.manual_seed(11)
+    drawn = categorical(probs)
+    torch.manual_seed(11)
+    assert torch.equal(categorical(probs), drawn)
+    for row, expected in enumerate(table):
+        counts = torch.bincount(drawn[row * n:(row + 1) * n], minlength=5).double() / n
+        error = (expected.double() * (1 - expected.double()) / n).sqrt()
+        assert bool(((counts - expected.double()).abs() <= 5 * error + 1e-12).all()), (row, counts.tolist())
+        assert bool((counts[expected == 0] == 0).all())
+    # a huge vocabulary whose tail is cut: only the kept head is ever drawn
+    logits = torch.randn(64, 49152, generator=torch.Generator().manual_seed(2))
+    kept = torch.isfinite(top_p_filter(logits / 0.5, 0.3))
+    wide = categorical(top_p_filter(logits / 0.5, 0.3).softmax(dim=-1))
+    assert bool(kept.gather(1, wide[:, None]).all())
+
+
+def test_group_samples_follow_the_models_distribution(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """The first sampled token of 2,000 rows of one prompt against the model's own next-token
+    distribution after transformers' ``TemperatureLogitsWarper`` and ``TopPLogitsWarper`` (what
+    ``generate(do_sample=True)`` samples from): the favourite's frequency and those of four rank bins
+    of the rest within 5 standard errors, and no token outside the nucleus."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    model, tokenizer = tiny
+    queries, mask = prompts(tokenizer)
+    queries, mask = queries[1:2], mask[1:2]
+    # a random model's logits: one clear favourite over a flat tail; the nucleus keeps it and ~90 others
+    temperature, top_p, rows = 0.1, 0.5, 2000
+    with torch.no_grad():
+        logits = model(input_ids=queries, attention_mask=mask).logits[:, -1].float()
+    warped = TopPLogitsWarper(top_p)(queries, TemperatureLogitsWarper(temperature)(queries, logits))
+    expected = warped.softmax(dim=-1)[0].double()
+    assert 0.2 < float(expected.max()) < 0.9 and int((expected > 0).sum()) > 10  # a real distribution, cut
+    torch.manual_seed(4)
+    samples = sample_groups(model, queries, mask, group_size=rows, max_new_tokens=1, temperature=temperature,
+                            top_p=top_p, eos_ids=[-1], pad_token_id=tokenizer.pad_token_id)
+    first = samples.responses[:, 0]
+    assert bool((expected[first] > 0).all())
+    counts = torch.bincount(first, minlength=expected.shape[0]).double() / rows
+    # the favourite, then the rest of the nucleus in four bins by rank (each bin expects dozens of draws)
+    order = expected.argsort(descending=True)[:int((expected > 0).sum())]
+    bins = [order[:1], *order[1:].tensor_split(4)]
+    for members in bins:
+        want, got = float(expected[members].sum()), float(counts[members].sum())
+        assert abs(got - want) <= 5 * math.sqrt(want * (1 - want) / rows), (want, got)
+
+
+def test_sampled_groups_end_at_their_end_of_turn_token(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """Every row has 1..max_new_tokens real tokens; a row that stopped ends in an end-of-turn token and
+    has padding only after it; a row that did not stop is exactly max_new_tokens long."""
     model, tokenizer = tiny
     queries, mask = prompts(tokenizer)
     eos = eos_token_ids(model, tokenizer)
-    group, new = 4, 12
+    new = 12
     torch.manual_seed(3)
-    ours = sample_groups(model, queries, mask, group_size=group, max_new_tokens=new, temperature=0.8, top_p=top_p,
-                         eos_ids=eos, pad_token_id=tokenizer.pad_token_id)
-    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=0, top_p=top_p, max_new_tokens=new,
-                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, num_return_sequences=group,
-                              use_cache=True)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        out = model.generate(input_ids=queries, attention_mask=mask, generation_config=config)
-    theirs = out[:, queries.shape[1]:]
-    assert ours.responses.shape[0] == 3 * group
-    width = min(ours.responses.shape[1], theirs.shape[1])
-    assert torch.equal(ours.responses[:, :width], theirs[:, :width])
-    assert bool((ours.responses[:, width:] == tokenizer.pad_token_id).all())
-    assert bool((theirs[:, width:] == tokenizer.pad_token_id).all())
-    lengths = ours.mask.sum(dim=1)
+    samples = sample_groups(model, queries, mask, group_size=4, max_new_tokens=new, temperature=1.5, top_p=1.0,
+                            eos_ids=eos, pad_token_id=tokenizer.pad_token_id)
+    assert samples.responses.shape[0] == 12
+    lengths = samples.mask.sum(dim=1)
     assert bool((lengths >= 1).all()) and bool((lengths <= new).all())
-    # a row that stopped ends in an end-of-turn token and nothing real after it
-    for row, n, stopped in zip(ours.responses, lengths.tolist(), ours.has_eos.tolist(), strict=True):
+    for row, n, stopped in zip(samples.responses, lengths.tolist(), samples.has_eos.tolist(), strict=True):
         assert (int(row[n - 1]) in eos) == stopped
+        assert stopped or n == new
+        assert bool((row[n:] == tokenizer.pad_token_id).all())
 
 
 def test_each_prompt_runs_through_the_model_once(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
