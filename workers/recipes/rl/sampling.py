@@ -132,15 +132,14 @@ def categorical(probs: Tensor) -> Tensor:
     row and a cumulative sum (~0.5 ms) and draws from the same distribution. The sum runs in float64 so
     its rounding cannot shift mass between tokens; a token with probability 0 (cut by ``top_p``) is never
     drawn, since ``searchsorted(right=True)`` lands on the first entry whose cumulative sum exceeds the
-    uniform, and that entry's own probability is what took the sum past it."""
+    target, and that entry's own probability is what took the sum past it. The target is kept strictly
+    below the total (``uniform x total`` can round up to it), so some entry always exceeds it, with no
+    host sync for the rare case."""
     cdf = probs.double().cumsum(dim=-1)
-    target = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, target, right=True)
-    vocab = probs.shape[-1]
-    if bool((drawn >= vocab).any()):  # uniform * total rounded up to the total (about 1 in 2**53)
-        last = vocab - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)
-        drawn = torch.minimum(drawn, last)
-    return drawn.squeeze(1)
+    total = cdf[:, -1:]
+    target = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * total
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def _draw(logits: Tensor, temperature: float, top_p: float, greedy: bool) -> Tensor:
