@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
 from service.model_registry import BUILTIN_MODELS, is_base_model, known_base_models  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from tests.paths import MODEL_CACHE  # noqa: E402
 from workers.base_models import (  # noqa: E402
     TINY_RANDOM_LLAMA,
     UnknownModelError,
@@ -203,8 +204,11 @@ def test_concurrent_resolve_builds_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_is_converted_once_and_answers(tmp_path_factory: pytest.TempPathFactory) -> None:
-    settings = make_settings(shared_cache(tmp_path_factory))
+def test_smollm2_is_converted_once_and_answers() -> None:
+    """In the cache every test shares: a clean checkout converts here or in whichever test asks first
+    (a cache of its own would convert the GGUF twice a run, ~20 s of CPU; building once under
+    concurrent resolves is :func:`test_concurrent_resolve_builds_once`'s)."""
+    settings = make_settings(MODEL_CACHE)
     path = resolve_base_model("SmolLM2-135M-Instruct", settings)
     started = time.monotonic()
     assert resolve_base_model("SmolLM2-135M-Instruct", settings) == path

@@ -77,9 +77,12 @@ CHILD = textwrap.dedent("""
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     results = []
-    for mode, tokens in json.loads(sys.argv[1]):
+    for run, (mode, tokens) in enumerate(json.loads(sys.argv[1])):
         ids = torch.randint(0, config.vocab_size, (1, tokens + 1))
-        for warm in (True, False):  # the measured step runs with every lazy allocation (grads) done
+        # the measured step runs with every lazy allocation (the grads, kept by zero_grad) done: one
+        # unmeasured step before the first run is enough ([chunk, V] and larger buffers are mmapped
+        # and go back to the system when freed, so no run inherits another's)
+        for warm in ((True, False) if run == 0 else (False,)):
             model.zero_grad(set_to_none=False)
             if not warm:
                 assert reset_peak_rss()
