@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 from service.app import create_app
 from service.auth import create_key
 from service.db.engine import session_scope
+from service.graders.sandbox import THREAD_POOL_VARS
 from service.settings import DatabaseSettings, Settings
 from service.state import AppState
 from tests.paths import MODEL_CACHE, REPO  # noqa: F401 - REPO: re-exported for the tests that import it here
@@ -39,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the other process's time and every small matmul waits for a descheduled thread.
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for _var in THREAD_POOL_VARS:
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
 # The files that take longest, heaviest first: xdist hands out whole files (``--dist loadfile``) in

@@ -62,6 +62,8 @@ log = logging.getLogger("alignd.graders.sandbox")
 HARNESS = (Path(__file__).with_name("sandbox_harness.py")).read_text()
 SANDBOX_PYTHON = "/opt/alignd/python"
 SANDBOX_SITE = "/opt/alignd/site"
+#: the variables that size the numeric libraries' thread pools (OpenMP, and BLAS libraries that ignore it)
+THREAD_POOL_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _SIGXCPU, _SIGKILL = 24, 9
 
 
@@ -188,7 +190,7 @@ class Sandbox:
                "--chdir", "/tmp"]
         env = ["--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                "--setenv", "LANG", "C.UTF-8", "--setenv", "TMPDIR", "/tmp"]
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        for var in THREAD_POOL_VARS:
             env += ["--setenv", var, "1"]
         bwrap = [self.bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                  "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "grader",
