@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +57,37 @@ HEAVY_FIRST = [
     "test_base_models.py", "test_dpo_recipe.py", "test_limits_concurrency.py", "test_gpu_bench.py",
     "test_job_metrics.py", "test_grader_sandbox.py",
 ]
+
+
+# The built-in models, tiny first (most tests use it); see pytest_sessionstart.
+_BUILT_IN = ("tiny-random-llama", "SmolLM2-135M-Instruct")
+_MATERIALISING: subprocess.Popen[bytes] | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the built-in base models in the background before the test processes need them.
+
+    On a fresh clone SmolLM2's conversion (~20 s of one core) otherwise happens inside the first test
+    that asks for it, while the other test process's SmolLM2 test waits on the conversion lock with its
+    core idle. Started here, in the xdist controller (or the only process) before any test runs, it
+    overlaps with the first tests instead; the tests that need a model wait on the same lock
+    (``workers.base_models.materialise``) until it is done."""
+    global _MATERIALISING
+    if os.environ.get("PYTEST_XDIST_WORKER") or all((MODEL_CACHE / name).is_dir() for name in _BUILT_IN):
+        return
+    script = ("import sys; from dataclasses import replace; from pathlib import Path; "
+              "from service.settings import Settings; from workers.base_models import resolve_base_model; "
+              "s = replace(Settings.from_env(), model_cache_dir=Path(sys.argv[1])); "
+              "[resolve_base_model(name, s) for name in sys.argv[2:]]")
+    # Quiet (its progress bars would interleave with pytest's): if it fails, the first test that needs the
+    # model runs the same conversion itself and reports the error.
+    _MATERIALISING = subprocess.Popen([sys.executable, "-c", script, str(MODEL_CACHE), *_BUILT_IN], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _MATERIALISING is not None:
+        _MATERIALISING.wait()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
