@@ -18,8 +18,11 @@ import httpx
 
 from service.cli import worker_command
 from service.settings import Settings
+from tests.zygote import WarmProcess, zygote
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+#: a worker process: a child, or forked by this test process's zygote
+Process = subprocess.Popen[bytes] | WarmProcess
 
 
 def production_env(tmp_path: Path, postgres_url: str, s3_endpoint: str) -> dict[str, str]:
@@ -45,18 +48,28 @@ def free_port() -> int:
 
 
 @contextmanager
-def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``alignd worker``'s exact command line, as a child process with its own environment."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(worker_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterator[Process]:
+    """``alignd worker``'s exact command line, in its own session with its own environment, forked warm
+    from this test process's zygote (``tests/zygote.py``: the training stack already imported) when
+    only ``ALIGND_*`` variables differ from this process's environment, else started cold."""
+    warm = zygote()
+    if warm.can_fork_for(env):
+        proc: Process = warm.fork(worker_command(settings), env, log)
         try:
             yield proc
         finally:
             stop(proc)
+        return
+    with log.open("wb") as out:
+        cold = subprocess.Popen(worker_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield cold
+        finally:
+            stop(cold)
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 8) -> None:
+def stop(proc: Process, timeout: float = 8) -> None:
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
