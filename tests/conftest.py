@@ -23,6 +23,7 @@ from service.app import create_app
 from service.auth import create_key
 from service.db.engine import session_scope
 from service.graders.sandbox import THREAD_POOL_VARS
+from service.model_registry import BUILTIN_MODELS
 from service.settings import DatabaseSettings, Settings
 from service.state import AppState
 from tests.paths import MODEL_CACHE, REPO  # noqa: F401 - REPO: re-exported for the tests that import it here
@@ -59,8 +60,6 @@ HEAVY_FIRST = [
 ]
 
 
-# The built-in models, tiny first (most tests use it); see pytest_sessionstart.
-_BUILT_IN = ("tiny-random-llama", "SmolLM2-135M-Instruct")
 _MATERIALISING: subprocess.Popen[bytes] | None = None
 
 
@@ -73,15 +72,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     overlaps with the first tests instead; the tests that need a model wait on the same lock
     (``workers.base_models.materialise``) until it is done."""
     global _MATERIALISING
-    if os.environ.get("PYTEST_XDIST_WORKER") or all((MODEL_CACHE / name).is_dir() for name in _BUILT_IN):
+    if os.environ.get("PYTEST_XDIST_WORKER") or all((MODEL_CACHE / name).is_dir() for name in BUILTIN_MODELS):
         return
-    script = ("import sys; from dataclasses import replace; from pathlib import Path; "
-              "from service.settings import Settings; from workers.base_models import resolve_base_model; "
-              "s = replace(Settings.from_env(), model_cache_dir=Path(sys.argv[1])); "
-              "[resolve_base_model(name, s) for name in sys.argv[2:]]")
+    script = ("import sys; from service.settings import Settings; from workers.base_models import resolve_base_model; "
+              "[resolve_base_model(name, Settings.from_env()) for name in sys.argv[1:]]")
     # Quiet (its progress bars would interleave with pytest's): if it fails, the first test that needs the
     # model runs the same conversion itself and reports the error.
-    _MATERIALISING = subprocess.Popen([sys.executable, "-c", script, str(MODEL_CACHE), *_BUILT_IN], cwd=REPO,
+    _MATERIALISING = subprocess.Popen([sys.executable, "-c", script, *BUILTIN_MODELS], cwd=REPO,
+                                      env={**os.environ, "ALIGND_MODEL_CACHE": str(MODEL_CACHE)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

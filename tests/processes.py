@@ -55,18 +55,14 @@ def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterato
     warm = zygote()
     if warm.can_fork_for(env):
         proc: Process = warm.fork(worker_command(settings), env, log)
-        try:
-            yield proc
-        finally:
-            stop(proc)
-        return
-    with log.open("wb") as out:
-        cold = subprocess.Popen(worker_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            yield cold
-        finally:
-            stop(cold)
+    else:
+        with log.open("wb") as out:  # the child holds its own copy of the descriptor
+            proc = subprocess.Popen(worker_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop(proc)
 
 
 def stop(proc: Process, timeout: float = 8) -> None:

@@ -30,7 +30,10 @@ def _ready(proc: WarmProcess, log: Path) -> None:
 def test_a_forked_worker_is_its_own_session_with_the_given_environment(tmp_path: Path, sig: int, code: int) -> None:
     warm = zygote()
     settings = make_settings(tmp_path / "data")
-    env = {**warm.env, "ALIGND_DATA_DIR": str(tmp_path / "data")}
+    # this process's environment, not the zygote's: that one holds whatever ALIGND_* a test had set when
+    # the zygote started (a production fixture's broker URL, say)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
+    env["ALIGND_DATA_DIR"] = str(tmp_path / "data")
     assert warm.can_fork_for(env)
     log = tmp_path / "worker.log"
     worker = warm.fork(worker_command(settings), env, log)

@@ -104,9 +104,9 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def fork(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> WarmProcess:
+    def fork(self, argv: list[str], env: dict[str, str], log: Path) -> WarmProcess:
         log.write_bytes(b"")  # there (and empty) before this returns, as a Popen's redirected output is
-        request = {"argv": argv, "env": env, "log": str(log), "cwd": str(cwd or Path.cwd())}
+        request = {"argv": argv, "env": env, "log": str(log), "cwd": str(Path.cwd())}
         with self.lock:
             assert self.proc.stdin is not None
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
