@@ -18,10 +18,10 @@ import httpx
 
 from service.cli import worker_command
 from service.settings import Settings
-from tests.zygote import WarmProcess, zygote
+from tests.zygote import WarmProcess, zygote_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-#: a worker process: a child, or forked by this test process's zygote
+#: a process the tests stop: a child, or a worker forked by this test process's zygote
 Process = subprocess.Popen[bytes] | WarmProcess
 
 
@@ -48,17 +48,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterator[Process]:
+def celery_worker(settings: Settings, env: dict[str, str], log: Path) -> Iterator[WarmProcess]:
     """``alignd worker``'s exact command line, in its own session with its own environment, forked warm
-    from this test process's zygote (``tests/zygote.py``: the training stack already imported) when
-    only ``ALIGND_*`` variables differ from this process's environment, else started cold."""
-    warm = zygote()
-    if warm.can_fork_for(env):
-        proc: Process = warm.fork(worker_command(settings), env, log)
-    else:
-        with log.open("wb") as out:  # the child holds its own copy of the descriptor
-            proc = subprocess.Popen(worker_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+    from this test process's zygote for that environment (``tests/zygote.py``: the training stack
+    already imported)."""
+    proc = zygote_for(env).fork(worker_command(settings), env, log)
     try:
         yield proc
     finally:

@@ -2,7 +2,7 @@
 
 A worker's start costs ~4.5 s of CPU, nearly all of it importing torch, transformers and peft
 (``workers.process_model.preload_training_stack``), and the suite starts about thirty of them: crash,
-fencing and shutdown tests each need workers of their own to kill. So each test process keeps one
+fencing and shutdown tests each need workers of their own to kill. So each test process keeps a
 *zygote*: a child (``python -m tests.zygote``) that imports the third-party stack once and then forks
 a worker on request. The fork sets the worker's environment, session, working directory and log,
 and runs Celery's own entry point with ``alignd worker``'s exact arguments (``service.cli.worker_command``):
@@ -11,10 +11,12 @@ second. The zygote is the worker's parent, so it reaps it and reports its exit s
 test process, which sees it through :class:`WarmProcess` (the part of ``subprocess.Popen`` the tests use).
 
 Nothing of alignd is imported before the fork (``workers.celery_app`` reads its settings from the
-environment at import time), only libraries that read no ``ALIGND_*`` variable. A worker whose
-environment differs from the zygote's in anything but ``ALIGND_*`` variables (and pytest's
-``PYTEST_CURRENT_TEST``) is started the ordinary way (:func:`Zygote.can_fork_for`), since a library
-may have read that variable at import.
+environment at import time), only libraries that read no ``ALIGND_*`` variable. Other variables may
+have been read at import (``HF_HUB_OFFLINE``, ``TQDM_DISABLE``, the thread-pool sizes), and a test
+process's environment changes during a run (the S3 fixture's credentials, the console's quiet
+switches), so there is one zygote per environment (:func:`zygote_for`): it runs with exactly the
+worker's environment less the ``ALIGND_*`` variables (and pytest's ``PYTEST_CURRENT_TEST``), which
+only the fork receives. A worker sees what a cold start would have seen.
 
 Protocol, one JSON object a line: the test process writes ``{"argv", "env", "cwd", "log"}`` to the
 zygote's stdin; the zygote answers ``{"pid": n}`` (or ``{"error": "..."}``) and later, for every
@@ -74,11 +76,11 @@ class WarmProcess:
 
 
 class Zygote:
-    """The test process's zygote: started on first use, ended with the test process (its stdin closes)."""
+    """A zygote for one environment: ended with the test process (its stdin closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         repo = Path(__file__).resolve().parent.parent
-        self.env = dict(os.environ)
+        self.env = env
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=repo, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=self.env)
         self.lock = threading.Lock()  # one request at a time
@@ -123,24 +125,23 @@ class Zygote:
             self.changed.wait_for(lambda: pid in self.exits or not self.alive(), timeout=timeout)
             return self.exits.get(pid)
 
-    def can_fork_for(self, env: dict[str, str]) -> bool:
-        """Whether a worker with ``env`` may come from this zygote: only ``ALIGND_*`` variables (and
-        pytest's ``PYTEST_CURRENT_TEST``, set for each test) differ."""
-        def other(e: dict[str, str]) -> dict[str, str]:
-            return {k: v for k, v in e.items() if not k.startswith("ALIGND_") and k != "PYTEST_CURRENT_TEST"}
 
-        return self.alive() and other(env) == other(self.env)
+def imported_with(env: dict[str, str]) -> dict[str, str]:
+    """The part of ``env`` a zygote runs with: all but what only the worker reads (``ALIGND_*``, and
+    pytest's ``PYTEST_CURRENT_TEST``, set anew for each test)."""
+    return {k: v for k, v in env.items() if not k.startswith("ALIGND_") and k != "PYTEST_CURRENT_TEST"}
 
 
-_ZYGOTE: Zygote | None = None
+_ZYGOTES: dict[frozenset[tuple[str, str]], Zygote] = {}
 
 
-def zygote() -> Zygote:
-    """This test process's zygote, started on first use (and again if it died)."""
-    global _ZYGOTE
-    if _ZYGOTE is None or not _ZYGOTE.alive():
-        _ZYGOTE = Zygote()
-    return _ZYGOTE
+def zygote_for(env: dict[str, str]) -> Zygote:
+    """This test process's zygote for workers with ``env``, started on first use (and again if it died)."""
+    base = imported_with(env)
+    key = frozenset(base.items())
+    if key not in _ZYGOTES or not _ZYGOTES[key].alive():
+        _ZYGOTES[key] = Zygote(base)
+    return _ZYGOTES[key]
 
 
 # --------------------------------------------------------------------------- the zygote's side
